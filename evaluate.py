@@ -9,9 +9,71 @@ import argparse
 import json
 
 import torch
+import torch.distributed as dist
 from torch.utils.flop_counter import FlopCounterMode
 
 from model import PAPER_NETWORKS, DistributedSegmenter
+
+# -----------------------------------------------------------------------------
+# mIoU and bits
+
+
+def confusion_matrix(pred, target, S):
+    """(S, S) counts, rows = ground truth, columns = prediction; labels outside 0..S-1
+    (255 = ignore) drop out."""
+    keep = (target >= 0) & (target < S)
+    return torch.bincount(S * target[keep] + pred[keep], minlength=S * S).reshape(S, S).cpu()
+
+
+def iou(cm):
+    """Per-class IoU from a confusion matrix summed over the whole set, and their mean over
+    the classes that occur (nan where a class is neither in the labels nor predicted)."""
+    cm = cm.double()
+    inter = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - inter
+    per_class = inter / union  # nan for 0/0
+    return per_class.nanmean().item(), per_class.tolist()
+
+
+@torch.no_grad()
+def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world_size=1):
+    """mIoU over `dataset`, and bits per pixel: from the real byte strings (the whole
+    container, header included) and from the likelihoods, Eq. (1). With real_bits, the
+    masks come from the cloud decoding the edge's bytes. Each rank evaluates every
+    world_size-th image; the counts are summed across ranks, so none is counted twice."""
+    model.eval()
+    S = model.JD.classifier.out_channels if model.decoder == "jd" else model.D.classifier.out_channels
+    subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
+    cm = torch.zeros(S, S, dtype=torch.int64)
+    stats = torch.zeros(4, dtype=torch.float64)  # real bits, estimated bits, pixels, images
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        if model.decoder == "none":
+            logits = model(x)["logits"]
+        else:
+            r, h = model.SE(model.E(x))  # the edge
+            r_hat, likelihoods = model.hyperprior(r, h)
+            stats[1] += sum(-torch.log2(p).sum() for p in likelihoods.values()).item()
+            if real_bits:
+                strings = model.hyperprior.compress(r, h, tuple(x.shape[-2:]))
+                stats[0] += 8 * sum(len(s) for s in strings)
+                logits = model.decompress(strings)  # the cloud, from bytes only
+            else:
+                logits = model.cloud_head(r_hat, x.shape[-2:])
+        cm += confusion_matrix(logits.argmax(1), y, S)
+        stats[2] += x.shape[0] * x.shape[-2] * x.shape[-1]
+        stats[3] += x.shape[0]
+    if world_size > 1:
+        cm, stats = cm.to(device), stats.to(device)
+        dist.all_reduce(cm)
+        dist.all_reduce(stats)
+        cm, stats = cm.cpu(), stats.cpu()
+    miou, per_class = iou(cm)
+    compressed = model.decoder != "none"
+    return {"miou": miou, "iou": per_class, "n_images": int(stats[3]),
+            "bpp_real": (stats[0] / stats[2]).item() if compressed and real_bits else None,
+            "bpp_est": (stats[1] / stats[2]).item() if compressed else None}
 
 # -----------------------------------------------------------------------------
 # complexity: parameters and multiply-accumulates

@@ -23,6 +23,7 @@ The entropy models and the bitstreams live in entropy.py; branch fusion in repar
     strings = model.compress(x)     # edge: one bytes object per image
     logits = model.decompress(strings)  # cloud: never reconstructs z
 """
+import os
 from collections import OrderedDict
 
 import torch
@@ -303,3 +304,37 @@ class DistributedSegmenter(nn.Module):
             raise ValueError(f"bitstream r^ is {tuple(r_hat.shape[-2:])}, but an image of "
                              f"{image_size} needs {expected}")
         return self.cloud_head(r_hat, image_size)
+
+
+# -----------------------------------------------------------------------------
+# checkpoints: the model is rebuilt from the settings saved beside its weights
+
+MODEL_KEYS = ("decoder", "num_classes", "F", "K", "encoder", "dilations", "head", "deployed")
+
+
+def build_model(cfg):
+    """A DistributedSegmenter from a train.py config dict (vars(args))."""
+    return DistributedSegmenter(cfg["decoder"], cfg["num_classes"], cfg["F"], cfg["K"],
+                                cfg["encoder"], dilations=tuple(cfg["dilations"]),
+                                head=cfg["head"], deployed=cfg.get("deployed", False))
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a crash
+    at any moment leaves either the old checkpoint or the new one, never a broken file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "wb") as f:
+        torch.save(obj, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, device="cpu"):
+    """(model in eval mode on `device`, checkpoint dict) from a train.py/reparam.py file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no checkpoint at {path!r}")
+    ckpt = torch.load(path, map_location="cpu")
+    model = build_model(ckpt["args"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), ckpt

@@ -3,15 +3,24 @@ Tests: CPU only, tiny shapes, fixed seeds. Each states its invariant in its docs
 
     python -m pytest -q test_all.py
 """
+import os
+import re
+import signal
 import struct
+import subprocess
+import sys
 
+import numpy as np
 import pytest
 import torch
 
 import entropy
+from data import SYNTHETIC_CLASSES, SyntheticStreets
 from entropy import HyperpriorCoder, bits_per_pixel, split_parameters
 from evaluate import complexity
-from model import HD, PAPER_NETWORKS, SE, DistributedSegmenter
+from model import HD, PAPER_NETWORKS, SE, DistributedSegmenter, load_checkpoint, save_checkpoint
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def tiny_model(decoder="jd", K=2, seed=0, **kw):
@@ -244,3 +253,99 @@ def test_real_bits_match_likelihood_bits():
         strings = coder.compress(r, h, (256, 256))
     real_bits = 8 * sum(len(s) - entropy.HEADER.size for s in strings)
     assert abs(real_bits / est_bits - 1) < 0.10, (real_bits, est_bits)
+
+
+# -----------------------------------------------------------------------------
+# data and training
+
+QUICK = ["--max-iters", "4", "--batch-size", "2", "--eval-interval", "2", "--log-interval", "1",
+         "--val-limit", "4", "--F", "64", "--K", "1"]
+
+
+def run_train(*argv, check=True):
+    """train.py as a user runs it; returns the completed process (stdout+stderr in .stdout)."""
+    proc = subprocess.run([sys.executable, os.path.join(HERE, "train.py"), *argv], cwd=HERE,
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=300)
+    if check:
+        assert proc.returncode == 0, proc.stdout
+    return proc
+
+
+def logged_losses(text):
+    return {int(i): loss for i, loss in re.findall(r"iter (\d+): loss (\S+),", text)}
+
+
+def test_synthetic_deterministic_and_complete():
+    """Image i of a split is the same for every instance; train and val differ; labels are
+    0..7 and, over a few scenes, cover every class."""
+    a, b = SyntheticStreets("train"), SyntheticStreets("train")
+    x, y = a[5]
+    assert torch.equal(x, b[5][0]) and torch.equal(y, b[5][1]) and torch.equal(y, a[(5, 3)][1])
+    assert not torch.equal(x, SyntheticStreets("val")[5][0])
+    assert x.shape == (3, 128, 256) and y.dtype == torch.int64
+    seen = torch.cat([a[i][1].flatten() for i in range(20)]).unique().tolist()
+    assert seen == list(range(len(SYNTHETIC_CLASSES)))
+
+
+@pytest.mark.parametrize("decoder", ["jd", "ahuja", "none"])
+def test_train_runs(decoder, tmp_path):
+    """A few iterations of train.py per decoder end with a real-bitstream evaluation and a
+    checkpoint that rebuilds the model."""
+    out = run_train(*QUICK, "--decoder", decoder, "--out-dir", str(tmp_path)).stdout
+    assert "final val (4 images): mIoU" in out
+    assert ("bpp (real bytes)" in out) == (decoder != "none")
+    model, ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert ckpt["iter_num"] == 4 and model.decoder == decoder
+
+
+def test_resume_after_kill_matches_uninterrupted(tmp_path):
+    """A run killed mid-way and resumed from its last checkpoint logs the same losses as an
+    uninterrupted run (CPU, fixed seed)."""
+    argv = [*QUICK, "--max-iters", "30", "--eval-interval", "3"]
+    full = logged_losses(run_train(*argv, "--out-dir", str(tmp_path / "a")).stdout)
+    proc = subprocess.Popen([sys.executable, "train.py", *argv, "--out-dir", str(tmp_path / "b")],
+                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    for line in proc.stdout:
+        if "checkpoint saved" in line:
+            proc.send_signal(signal.SIGKILL)  # a crash right after the first checkpoint
+            break
+    proc.wait()
+    ckpt = str(tmp_path / "b" / "ckpt.pt")
+    start = torch.load(ckpt)["iter_num"]
+    assert 3 <= start < 30
+    resumed = logged_losses(run_train("--resume", ckpt).stdout)
+    assert min(resumed) == start + 1 and max(resumed) == 30
+    assert all(resumed[i] == full[i] for i in resumed), (resumed, full)
+
+
+def test_resume_refuses_other_model_settings(tmp_path):
+    """Resuming with another model setting stops with a message naming the setting."""
+    run_train(*QUICK, "--max-iters", "2", "--out-dir", str(tmp_path))
+    proc = run_train("--resume", str(tmp_path / "ckpt.pt"), "--K", "3", check=False)
+    assert proc.returncode != 0 and "--K 3 (checkpoint: 1)" in proc.stdout
+
+
+def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
+    """A NaN in the weights makes the loss non-finite: training stops with a message and the
+    last good checkpoint is left byte for byte as it was."""
+    run_train(*QUICK, "--max-iters", "2", "--out-dir", str(tmp_path))
+    path = str(tmp_path / "ckpt.pt")
+    ckpt = torch.load(path)
+    ckpt["args"]["max_iters"] = 6
+    ckpt["model"]["JD.classifier.weight"][0, 0] = float("nan")
+    save_checkpoint(ckpt, path)
+    before = open(path, "rb").read()
+    proc = run_train("--resume", path, check=False)
+    assert proc.returncode == 1 and "non-finite loss at iteration 2" in proc.stdout
+    assert open(path, "rb").read() == before
+
+
+def test_torchrun_two_processes(tmp_path):
+    """torchrun --nproc_per_node 2 (DDP over gloo on CPU) trains and evaluates; validation
+    counts each image once."""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "train.py", *QUICK, "--batch-size", "4", "--val-limit", "5",
+                           "--out-dir", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout
+    assert "2 process(es)" in proc.stdout and "final val (5 images)" in proc.stdout

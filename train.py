@@ -1,0 +1,271 @@
+"""
+Train a distributed segmenter end to end on the rate-distortion loss of Eq. (3),
+    J = alpha * cross-entropy + (1 - alpha) * bits per pixel (Eq. 1),
+then evaluate it on the val set through real bitstreams.
+
+    python train.py                                   # built-in synthetic streets, CPU, ~4 min
+    python train.py --alpha 0.5 --out-dir out_a0.5    # another rate
+    python train.py --decoder ahuja                   # Ahuja et al.'s SD + D baseline
+    python train.py --decoder none                    # No Compression DeepLabv3 (CE only)
+    python train.py --resume out/ckpt.pt              # continue exactly where it stopped
+    torchrun --standalone --nproc_per_node 2 train.py --max-iters 20   # DDP (gloo on CPU, nccl on GPUs)
+
+A dataset preset (--dataset) fills in only the settings you did not give.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.utils.data import DataLoader, DistributedSampler
+
+from data import get_dataset
+from entropy import bits_per_pixel, split_parameters
+from evaluate import evaluate
+from model import MODEL_KEYS, build_model, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# config: flags left at None take the dataset preset's value, then the common default
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+# data
+p.add_argument("--dataset", default=None, choices=["synthetic"], help="data and paper preset (default synthetic)")
+p.add_argument("--data-root", default=None, help="dataset folder (real datasets)")
+p.add_argument("--crop", type=int, default=None, help="random square training crop, 0 = whole image")
+p.add_argument("--val-limit", type=int, default=None, help="validate on the first N val images only (quick checks)")
+# model
+p.add_argument("--decoder", default=None, choices=["jd", "ahuja", "none"], help="cloud: ours, Ahuja et al., no compression")
+p.add_argument("--encoder", default=None, choices=["resnet50", "resnet18-l2"], help="image encoder E")
+p.add_argument("--K", type=int, default=None, help="JD over-parameterization repetitions, 0 = plain ASPP (Fig. 4)")
+p.add_argument("--F", type=int, default=None, help="ASPP width (JD and D)")
+p.add_argument("--dilations", type=int, nargs=3, default=None, help="JD's ASPP dilations")
+p.add_argument("--head", default=None, choices=["torchvision", "mmseg"], help="DeepLabv3 head D of the baselines")
+# rate
+p.add_argument("--alpha", type=float, default=None, help="RD trade-off of Eq. (3); higher = more bits")
+# optim
+p.add_argument("--max-iters", type=int, default=None, help="training iterations tau_max")
+p.add_argument("--batch-size", type=int, default=None, help="effective batch, split over processes")
+p.add_argument("--lr", type=float, default=None, help="initial learning rate, main optimizer")
+p.add_argument("--lr-aux", type=float, default=None, help="initial learning rate, aux optimizer (quantiles)")
+p.add_argument("--clip", type=float, default=None, help="gradient clipping by norm")
+# system
+p.add_argument("--out-dir", default=None, help="where ckpt.pt and metrics.json go")
+p.add_argument("--resume", default=None, help="checkpoint to continue from")
+p.add_argument("--seed", type=int, default=None)
+p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast (entropy models stay float32)")
+p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
+p.add_argument("--eval-interval", type=int, default=None, help="validate and checkpoint every N iterations")
+p.add_argument("--log-interval", type=int, default=None)
+p.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes")
+p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
+
+COMMON = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", clip=1.0, out_dir="out", seed=0, resume=None,
+              device=None, amp=False, compile=False, log_interval=20, num_workers=0)
+PRESETS = {
+    # built-in data, sized for a laptop CPU: light encoder, narrow ASPP; dilations (1, 2, 3)
+    # because on an 8x16 latent the paper's (5, 10, 15) would mostly see padding
+    "synthetic": dict(encoder="resnet18-l2", K=3, F=64, dilations=[1, 2, 3], head="torchvision",
+                      alpha=0.6, max_iters=700, batch_size=8, lr=2e-3, lr_aux=1e-3, crop=0,
+                      eval_interval=350),
+}
+
+cli = {k: v for k, v in vars(p.parse_args()).items() if v is not None}
+print_config = cli.pop("print_config")
+if "resume" in cli:  # settings come from the checkpoint; the model's may not change
+    ckpt = torch.load(cli["resume"], map_location="cpu")
+    differ = [f"--{k.replace('_', '-')} {cli[k]} (checkpoint: {ckpt['args'][k]})"
+              for k in MODEL_KEYS + ("dataset",) if k in cli and cli[k] != ckpt["args"][k]]
+    if differ:
+        sys.exit(f"cannot resume {cli['resume']}: it was trained with other settings: {'; '.join(differ)}")
+    config = {**ckpt["args"], **cli}
+else:
+    dataset = cli.get("dataset", COMMON["dataset"])
+    config = {**COMMON, **PRESETS[dataset], **cli}
+args = argparse.Namespace(**config)
+
+# -----------------------------------------------------------------------------
+# processes and devices
+
+ddp = int(os.environ.get("RANK", -1)) != -1  # launched by torchrun?
+if ddp:
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE"))
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda"):
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+else:
+    rank, world_size = 0, 1
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+master = rank == 0  # only rank 0 logs and saves
+device_type = "cuda" if device.startswith("cuda") else "cpu"
+if args.batch_size % world_size:
+    sys.exit(f"--batch-size {args.batch_size} must divide over {world_size} processes")
+batch = args.batch_size // world_size  # per process; the effective batch stays the preset's
+if batch < 2:
+    sys.exit("each process needs a batch of at least 2: BatchNorm after ASPP's global pooling "
+             "sees one value per channel and image")
+
+# -----------------------------------------------------------------------------
+# data
+
+train_ds = get_dataset(args.dataset, "train", args.data_root, args.crop, args.seed)
+val_ds = get_dataset(args.dataset, "val", args.data_root, None, args.seed)
+if args.val_limit:
+    val_ds = torch.utils.data.Subset(val_ds, range(min(args.val_limit, len(val_ds))))
+args.num_classes = len(train_ds.classes)
+if print_config:
+    print(json.dumps({**vars(args), "world_size": world_size, "batch_per_process": batch}, indent=2))
+    sys.exit(0)
+
+
+def train_batches(start_iter):
+    """Index batches for iterations start_iter, start_iter + 1, ...: DistributedSampler
+    shards each epoch's permutation over the processes; a batch depends only on (seed,
+    iteration), so resuming continues the same sequence. Keys are (index, epoch) so that
+    datasets can draw their augmentation from them."""
+    sampler = DistributedSampler(train_ds, world_size, rank, shuffle=True, seed=args.seed, drop_last=True)
+    per_epoch = len(sampler) // batch
+    epoch, k = divmod(start_iter, per_epoch)
+    while True:
+        sampler.set_epoch(epoch)
+        order = list(sampler)
+        for j in range(k, per_epoch):
+            yield [(i, epoch) for i in order[j * batch:(j + 1) * batch]]
+        epoch, k = epoch + 1, 0
+
+
+# -----------------------------------------------------------------------------
+# model and optimizers
+
+torch.manual_seed(args.seed)
+model = build_model(vars(args)).to(device)
+compress = args.decoder != "none"
+if compress:
+    main_params, aux_params = split_parameters(model)  # aux = EntropyBottleneck.quantiles
+else:
+    main_params, aux_params = list(model.parameters()), []
+optimizer = torch.optim.Adam(main_params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0)
+aux_optimizer = torch.optim.Adam(aux_params, lr=args.lr_aux, betas=(0.9, 0.99), weight_decay=0) if compress else None
+iter_num = 0
+if args.resume:
+    model.load_state_dict(ckpt["model"])
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if compress:
+        aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+    iter_num = ckpt["iter_num"]
+    del ckpt
+raw_model = model  # the unwrapped model, for saving, the aux loss and evaluation
+if ddp and device_type == "cuda":
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    raw_model = model
+if args.compile:
+    model = torch.compile(model)
+if ddp:
+    # the quantiles get no gradient from J (only from the aux loss, identical on every rank)
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None,
+                find_unused_parameters=compress)
+
+
+def get_lr(lr0, it):
+    """Polynomial decay, Suppl. Eq. (4): eta0 * (1 - tau / tau_max)^0.9."""
+    return lr0 * (1 - it / args.max_iters) ** 0.9
+
+
+def checkpoint():
+    save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "aux_optimizer": aux_optimizer.state_dict() if compress else None,
+                     "iter_num": iter_num, "args": vars(args)}, os.path.join(args.out_dir, "ckpt.pt"))
+
+
+# -----------------------------------------------------------------------------
+# training loop
+
+if master:
+    os.makedirs(args.out_dir, exist_ok=True)
+    n_params = sum(p.numel() for p in raw_model.parameters())
+    print(f"{args.decoder} on {args.dataset}: {n_params / 1e6:.2f} M parameters, {world_size} process(es) "
+          f"on {device}, batch {args.batch_size}, {args.max_iters} iterations from {iter_num}")
+loader = DataLoader(train_ds, batch_sampler=train_batches(iter_num), num_workers=args.num_workers,
+                    pin_memory=device_type == "cuda")
+batches = iter(loader)
+t0 = time.time()
+while iter_num < args.max_iters:
+    model.train()
+    for group in optimizer.param_groups:
+        group["lr"] = get_lr(args.lr, iter_num)
+    if compress:
+        for group in aux_optimizer.param_groups:
+            group["lr"] = get_lr(args.lr_aux, iter_num)
+    x, y = next(batches)
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    # the noise of the rate model and dropout depend on (seed, rank, iteration) only: exact resume
+    torch.manual_seed(int(np.random.SeedSequence([args.seed, rank, iter_num]).generate_state(1)[0]))
+
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp):
+        out = model(x)
+    ce = F.cross_entropy(out["logits"].float(), y, ignore_index=255)  # Eq. (2)
+    if compress:
+        bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * x.shape[2] * x.shape[3])  # Eq. (1)
+        loss = args.alpha * ce + (1 - args.alpha) * bpp  # Eq. (3)
+    else:
+        bpp, loss = torch.zeros(()), ce
+    finite = torch.isfinite(loss.detach()).float()
+    if ddp:
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops together
+    if finite.item() < 1:
+        if master:
+            print(f"non-finite loss at iteration {iter_num} (CE {ce.item()}, bpp {bpp.item()}): stopping. "
+                  f"The last good checkpoint in {args.out_dir} is untouched; resume from it with a lower "
+                  f"--lr, or without --amp.", file=sys.stderr)
+        sys.exit(1)
+
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(main_params, args.clip)
+    optimizer.step()
+    if compress:  # the aux loss fits the quantiles of h's factorized prior (CompressAI)
+        aux_optimizer.zero_grad(set_to_none=True)
+        aux_loss = raw_model.hyperprior.aux_loss()
+        aux_loss.backward()
+        aux_optimizer.step()
+    iter_num += 1
+
+    if master and (iter_num % args.log_interval == 0 or iter_num == 1):
+        dt = (time.time() - t0) / (args.log_interval if iter_num > 1 else 1)
+        print(f"iter {iter_num}: loss {loss.item():.4f}, CE {ce.item():.4f}, bpp {bpp.item():.4f}, "
+              f"lr {get_lr(args.lr, iter_num - 1):.2e}, {1000 * dt:.0f} ms/iter")
+        t0 = time.time()
+    if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
+        m = evaluate(raw_model, val_ds, device, real_bits=False, rank=rank, world_size=world_size)
+        if master:
+            bpp_est = f", bpp (likelihoods) {m['bpp_est']:.4f}" if compress else ""
+            checkpoint()
+            print(f"val at iter {iter_num}: mIoU {m['miou']:.4f}{bpp_est} (checkpoint saved)")
+        t0 = time.time()
+
+# -----------------------------------------------------------------------------
+# final evaluation through real bitstreams: edge -> bytes -> cloud
+
+if compress:
+    raw_model.hyperprior.update(force=True)  # CDF tables for the coder, saved with the model
+m = evaluate(raw_model, val_ds, device, real_bits=True, rank=rank, world_size=world_size)
+if master:
+    checkpoint()
+    line = f"final val ({m['n_images']} images): mIoU {m['miou']:.4f}"
+    if compress:
+        line += (f", bpp (real bytes) {m['bpp_real']:.4f}, bpp (likelihoods) {m['bpp_est']:.4f}"
+                 f", ratio {m['bpp_real'] / m['bpp_est']:.3f}")
+    print(line)
+    with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
+        json.dump({**m, "classes": list(train_ds.classes), "args": vars(args)}, f, indent=2)
+if ddp:
+    dist.barrier()  # let rank 0 finish writing before any process tears the group down
+    dist.destroy_process_group()
