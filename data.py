@@ -3,22 +3,40 @@ Datasets: (image, label) pairs as (3, H, W) float tensors normalized with ImageN
 and (H, W) int64 labels with 255 = ignore.
 
     synthetic   built-in street scenes, rendered on the fly, no files (the default)
+    cityscapes  19 classes, data/cityscapes/{leftImg8bit,gtFine}/{train,val}/<city>/
+    coco        COCO-2017 reduced to the 21 PASCAL-VOC classes, data/coco/
 
-    ds = get_dataset("synthetic", "train")
-    x, y = ds[0]
+    ds = get_dataset("cityscapes", "train", "data/cityscapes", crop=769)
+    x, y = ds[0]          # or ds[(index, epoch)]: the random augmentation depends on both
+
+Training transforms (paper Sec. 4.2, as MMSegmentation / torchvision's references): random
+rescale of the shorter side to 0.5-2.0 x the dataset's base size (Cityscapes 1024, COCO 513),
+random crop (padded with 0 for the image, 255 for the label), horizontal flip, ImageNet
+mean/std. Validation: Cityscapes whole 1024x2048 images; COCO resized so that the longer
+side is 513 and padded to 513x513 (0 / 255).
 """
+import contextlib
+import glob
+import io
+import os
+
 import numpy as np
 import torch
+import torchvision
 from PIL import Image, ImageDraw, ImageFilter
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet, as torchvision's ResNets
 
 
+def normalize(image):
+    """uint8 (H, W, 3) image -> (3, H, W) float tensor normalized with ImageNet's mean/std."""
+    x = torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+    return (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
+
+
 def to_tensor(image, label):
     """uint8 (H, W, 3) image and (H, W) label -> normalized float tensor and int64 tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(255)
-    x = (x - torch.tensor(MEAN)[:, None, None]) / torch.tensor(STD)[:, None, None]
-    return x, torch.from_numpy(np.array(label, dtype=np.int64))
+    return normalize(image), torch.from_numpy(np.array(label, dtype=np.int64))
 
 
 def denormalize(x):
@@ -28,9 +46,10 @@ def denormalize(x):
 
 
 def colorize(label, palette):
-    """(H, W) label -> (H, W, 3) uint8 picture; 255 (ignore) is black."""
+    """(H, W) label -> (H, W, 3) uint8 picture; 255 (ignore) is off-white, as in VOC."""
     lut = np.zeros((256, 3), np.uint8)
     lut[: len(palette)] = palette
+    lut[255] = (224, 224, 192)
     return lut[np.asarray(label, dtype=np.uint8)]
 
 
@@ -181,8 +200,198 @@ class SyntheticStreets(torch.utils.data.Dataset):
         return to_tensor(*render_street(rng, *self.size))
 
 
+# -----------------------------------------------------------------------------
+# augmentation, shared by the real datasets
+
+
+def random_scale_crop_flip(image, label, rng, crop, base):
+    """PIL image and label -> tensors: shorter side rescaled to base * U(0.5, 2.0), a random
+    crop x crop window (padded with 0 / 255 where the image is smaller), flipped with p=1/2."""
+    scale = rng.uniform(0.5, 2.0) * base / min(image.size)
+    size = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    img = np.asarray(image.resize(size, Image.BILINEAR))
+    lab = np.asarray(label.resize(size, Image.NEAREST))
+    if crop:
+        ph, pw = max(crop - img.shape[0], 0), max(crop - img.shape[1], 0)
+        img = np.pad(img, ((0, ph), (0, pw), (0, 0)))
+        lab = np.pad(lab, ((0, ph), (0, pw)), constant_values=255)
+        y0 = rng.integers(0, img.shape[0] - crop + 1)
+        x0 = rng.integers(0, img.shape[1] - crop + 1)
+        img, lab = img[y0:y0 + crop, x0:x0 + crop], lab[y0:y0 + crop, x0:x0 + crop]
+    if rng.random() < 0.5:
+        img, lab = img[:, ::-1], lab[:, ::-1]
+    return to_tensor(img, lab)
+
+
+def resize_pad(image, label, size):
+    """Longer side to `size` (keeping the aspect ratio), then padded to size x size."""
+    scale = size / max(image.size)
+    wh = (max(1, round(image.size[0] * scale)), max(1, round(image.size[1] * scale)))
+    img = np.asarray(image.resize(wh, Image.BILINEAR))
+    lab = np.asarray(label.resize(wh, Image.NEAREST))
+    img = np.pad(img, ((0, size - img.shape[0]), (0, size - img.shape[1]), (0, 0)))
+    lab = np.pad(lab, ((0, size - lab.shape[0]), (0, size - lab.shape[1])), constant_values=255)
+    return to_tensor(img, lab)
+
+
+LAYOUTS = {
+    "cityscapes": """{root}/
+    leftImg8bit/{{train,val}}/<city>/<city>_<seq>_<frame>_leftImg8bit.png
+    gtFine/{{train,val}}/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png
+Download leftImg8bit_trainvaltest.zip and gtFine_trainvaltest.zip from
+https://www.cityscapes-dataset.com/downloads/ (free registration) and unzip both into {root}.""",
+    "coco": """{root}/
+    annotations/instances_train2017.json, annotations/instances_val2017.json
+    train2017/*.jpg, val2017/*.jpg
+Download the 2017 Train images, 2017 Val images and 2017 Train/Val annotations from
+https://cocodataset.org/#download and unzip them into {root}.""",
+}
+
+
+def missing_data(name, root, what):
+    return FileNotFoundError(f"{name}: {what} not found.\nExpected layout:\n"
+                             f"{LAYOUTS[name].format(root=root)}\n"
+                             f"Or point --data-root at the folder that holds it.")
+
+
+def split_key(key):
+    return key if isinstance(key, tuple) else (key, 0)  # (index, epoch)
+
+
+# -----------------------------------------------------------------------------
+# Cityscapes: the 19 train classes; other label ids -> 255
+
+CITYSCAPES = [c for c in torchvision.datasets.Cityscapes.classes if 0 <= c.train_id < 255]
+CITYSCAPES_LUT = np.full(256, 255, np.uint8)  # labelIds -> trainIds
+for c in CITYSCAPES:
+    CITYSCAPES_LUT[c.id] = c.train_id
+
+
+class Cityscapes(torch.utils.data.Dataset):
+    """leftImg8bit images with gtFine labelIds mapped to the 19 trainIds (sorted file lists)."""
+
+    classes = [c.name for c in sorted(CITYSCAPES, key=lambda c: c.train_id)]
+    palette = [c.color for c in sorted(CITYSCAPES, key=lambda c: c.train_id)]
+    base = 1024  # the shorter side of a Cityscapes image
+
+    def __init__(self, root, split="train", crop=None, seed=0):
+        self.crop, self.seed, self.split = crop, seed, split
+        image_dir = os.path.join(root, "leftImg8bit", split)
+        if not os.path.isdir(image_dir):
+            raise missing_data("cityscapes", root, f"folder {image_dir}")
+        self.images = sorted(glob.glob(os.path.join(image_dir, "*", "*_leftImg8bit.png")))
+        if not self.images:
+            raise missing_data("cityscapes", root, f"*_leftImg8bit.png files in {image_dir}/<city>/")
+        self.labels = [p.replace(os.path.join(root, "leftImg8bit"), os.path.join(root, "gtFine"), 1)
+                       .replace("_leftImg8bit.png", "_gtFine_labelIds.png") for p in self.images]
+        absent = [p for p in self.labels if not os.path.isfile(p)]
+        if absent:
+            raise missing_data("cityscapes", root, f"{len(absent)} label files, e.g. {absent[0]}")
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, epoch = split_key(key)
+        image = Image.open(self.images[index]).convert("RGB")
+        label = Image.fromarray(CITYSCAPES_LUT[np.asarray(Image.open(self.labels[index]))])
+        if self.crop is None:  # validation: the whole image
+            return to_tensor(np.asarray(image), np.asarray(label))
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return random_scale_crop_flip(image, label, rng, self.crop, self.base)
+
+
+# -----------------------------------------------------------------------------
+# COCO-2017 reduced to the 21 PASCAL-VOC classes, as torchvision's segmentation references
+
+# index = VOC class id, value = COCO category id (0 = background)
+CAT_LIST = [0, 5, 2, 16, 9, 44, 6, 3, 17, 62, 21, 67, 18, 19, 4, 1, 64, 20, 63, 7, 72]
+VOC_CLASSES = ["background", "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat",
+               "chair", "cow", "diningtable", "dog", "horse", "motorbike", "person", "pottedplant",
+               "sheep", "sofa", "train", "tvmonitor"]
+
+
+def voc_palette(n=21):
+    """PASCAL VOC's colour map: the bits of the class id spread over R, G and B."""
+    palette = []
+    for i in range(n):
+        r = g = b = 0
+        for k in range(8):
+            r |= ((i >> 0) & 1) << (7 - k)
+            g |= ((i >> 1) & 1) << (7 - k)
+            b |= ((i >> 2) & 1) << (7 - k)
+            i >>= 3
+        palette.append((r, g, b))
+    return palette
+
+
+class COCOVOC(torch.utils.data.Dataset):
+    """COCO-2017 images with instance masks (pycocotools: polygons, uncompressed and
+    compressed RLE, crowds included) merged into a 21-class label map: 0 where no kept
+    instance is, 255 where instances of two different classes overlap. Training images whose
+    kept annotations cover an area of 1000 pixels or less are dropped (torchvision)."""
+
+    classes, palette = VOC_CLASSES, voc_palette()
+    base = 513
+
+    def __init__(self, root, split="train", crop=None, seed=0):
+        from pycocotools.coco import COCO  # only this loader needs pycocotools
+        self.crop, self.seed = crop, seed
+        annotations = os.path.join(root, "annotations", f"instances_{split}2017.json")
+        self.image_dir = os.path.join(root, f"{split}2017")
+        for path in (annotations, self.image_dir):
+            if not os.path.exists(path):
+                raise missing_data("coco", root, path)
+        with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its progress
+            self.coco = COCO(annotations)
+        self.ids = sorted(self.coco.imgs)
+        if split == "train":
+            self.ids = [i for i in self.ids if sum(a["area"] for a in self.annotations(i)) > 1000]
+
+    def annotations(self, image_id):
+        anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))
+        return [a for a in anns if a["category_id"] in CAT_LIST]
+
+    def label(self, image_id):
+        info = self.coco.imgs[image_id]
+        label = np.zeros((info["height"], info["width"]), np.uint8)
+        clash = np.zeros(label.shape, bool)
+        for a in self.annotations(image_id):
+            mask = self.coco.annToMask(a).astype(bool)
+            c = CAT_LIST.index(a["category_id"])
+            clash |= mask & (label != 0) & (label != c)
+            label[mask & (label == 0)] = c
+        label[clash] = 255
+        return label
+
+    def __len__(self):
+        return len(self.ids)
+
+    def __getitem__(self, key):
+        index, epoch = split_key(key)
+        image_id = self.ids[index]
+        path = os.path.join(self.image_dir, self.coco.imgs[image_id]["file_name"])
+        image = Image.open(path).convert("RGB")
+        label = Image.fromarray(self.label(image_id))
+        if self.crop is None:  # validation
+            return resize_pad(image, label, self.base)
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return random_scale_crop_flip(image, label, rng, self.crop, self.base)
+
+
+# -----------------------------------------------------------------------------
+
+CLASSES = {"synthetic": SYNTHETIC_CLASSES, "cityscapes": Cityscapes.classes, "coco": VOC_CLASSES}
+DEFAULT_ROOTS = {"cityscapes": "data/cityscapes", "coco": "data/coco"}
+
+
 def get_dataset(name, split, root=None, crop=None, seed=0):
-    """The dataset `name` ("synthetic") for `split` ("train" or "val")."""
+    """Dataset `name` for `split`; crop=None gives the validation transform, crop=N (or 0:
+    no crop) the random training transform."""
     if name == "synthetic":
         return SyntheticStreets(split, seed=seed)
-    raise ValueError(f"unknown dataset {name!r}")
+    if name == "cityscapes":
+        return Cityscapes(root or DEFAULT_ROOTS[name], split, crop, seed)
+    if name == "coco":
+        return COCOVOC(root or DEFAULT_ROOTS[name], split, crop, seed)
+    raise ValueError(f"unknown dataset {name!r}; choose from {sorted(CLASSES)}")
