@@ -1,18 +1,32 @@
 """
-Evaluation of the distributed segmenters.
+Evaluation of the distributed segmenters: mIoU and real bits, the edge/cloud split on files,
+RD curves against the baselines and JPEG, pictures, the cloud benchmark, and complexity.
 
-Complexity (paper Table 2, Suppl. Tables 4 and 5), counted on the meta device, nothing runs:
-    python evaluate.py --complexity --dataset cityscapes            # K = 3, 1024x2048
-    python evaluate.py --complexity --dataset coco --json coco.json # K = 1, 513x513 / 1024x2048
+    python evaluate.py --ckpt out/ckpt.pt [--json m.json]     # mIoU, per-class IoU, bpp
+    python evaluate.py --ckpt out/ckpt.pt --save-bitstreams bits/   # the edge: one file per image
+    python evaluate.py --ckpt out/ckpt.pt --from-bitstreams bits/   # the cloud: masks from files
+    python evaluate.py --rd runs/*/ckpt.pt --plot rd.png --csv rd.csv   # Fig. 5, with JPEG
+    python evaluate.py --ckpt out/ckpt.pt --save-vis vis/ 8   # image | ground truth | prediction
+    python evaluate.py --benchmark cloud --dataset cityscapes # JD vs Ahuja SD+D, time per image
+    python evaluate.py --complexity --dataset cityscapes      # Tables 2 and 4, counted
 """
 import argparse
+import io
 import json
+import os
+import re
+import resource
+import time
 
+import numpy as np
 import torch
 import torch.distributed as dist
+from PIL import Image
 from torch.utils.flop_counter import FlopCounterMode
 
-from model import PAPER_NETWORKS, DistributedSegmenter
+from data import colorize, denormalize, get_dataset, normalize
+from model import PAPER_NETWORKS, DistributedSegmenter, load_checkpoint
+from reparam import reparameterize
 
 # -----------------------------------------------------------------------------
 # mIoU and bits
@@ -35,6 +49,10 @@ def iou(cm):
     return per_class.nanmean().item(), per_class.tolist()
 
 
+def num_classes(model):
+    return (model.JD if model.decoder == "jd" else model.D).classifier.out_channels
+
+
 @torch.no_grad()
 def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world_size=1):
     """mIoU over `dataset`, and bits per pixel: from the real byte strings (the whole
@@ -42,7 +60,7 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
     masks come from the cloud decoding the edge's bytes. Each rank evaluates every
     world_size-th image; the counts are summed across ranks, so none is counted twice."""
     model.eval()
-    S = model.JD.classifier.out_channels if model.decoder == "jd" else model.D.classifier.out_channels
+    S = num_classes(model)
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
     cm = torch.zeros(S, S, dtype=torch.int64)
@@ -74,6 +92,241 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
     return {"miou": miou, "iou": per_class, "n_images": int(stats[3]),
             "bpp_real": (stats[0] / stats[2]).item() if compressed and real_bits else None,
             "bpp_est": (stats[1] / stats[2]).item() if compressed else None}
+
+def val_dataset(cfg, split="val", limit=None, data_root=None):
+    """The split of the dataset a checkpoint was trained on (its saved settings), and the
+    dataset object itself (for its classes and palette)."""
+    full = get_dataset(cfg["dataset"], split, data_root or cfg.get("data_root"), None, cfg.get("seed", 0))
+    ds = torch.utils.data.Subset(full, range(min(limit, len(full)))) if limit else full
+    return ds, full
+
+
+# -----------------------------------------------------------------------------
+# the edge/cloud split on disk: one self-describing file per image
+
+SUFFIX = ".dssj"
+
+
+@torch.no_grad()
+def save_bitstreams(model, dataset, out_dir, device, split="val", batch_size=8):
+    """The edge alone: image i of the split becomes out_dir/{split}_{i:05d}.dssj."""
+    os.makedirs(out_dir, exist_ok=True)
+    n = total = 0
+    for x, _ in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+        for s in model.compress(x.to(device)):
+            with open(os.path.join(out_dir, f"{split}_{n:05d}{SUFFIX}"), "wb") as f:
+                f.write(s)
+            n, total = n + 1, total + len(s)
+    return n, total
+
+
+@torch.no_grad()
+def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=False):
+    """The cloud alone: decode every file of in_dir and score the mask against the label of
+    the image its name points to. A file that is corrupt, foreign, or written by another
+    model is reported by name and skipped, never decoded into garbage."""
+    model.eval()
+    S = num_classes(model)
+    cm = torch.zeros(S, S, dtype=torch.int64)
+    bits = pixels = decoded = 0
+    refused, masks = [], {}
+    for name in sorted(os.listdir(in_dir)):
+        path = os.path.join(in_dir, name)
+        match = re.fullmatch(rf"{split}_(\d+){re.escape(SUFFIX)}", name)
+        try:
+            if not match or not os.path.isfile(path):
+                raise ValueError(f"not a bitstream file of this split ({split}_NNNNN{SUFFIX})")
+            if int(match[1]) >= len(dataset):
+                raise ValueError(f"the {split} split has no image {int(match[1])}")
+            with open(path, "rb") as f:
+                data = f.read()
+            logits = model.decompress([data])
+            _, y = dataset[int(match[1])]
+            if logits.shape[-2:] != y.shape:
+                raise ValueError(f"decodes to {tuple(logits.shape[-2:])}, but image {int(match[1])} "
+                                 f"is {tuple(y.shape)}")
+        except ValueError as e:
+            print(f"refused {name}: {e}")
+            refused.append((name, str(e)))
+            continue
+        pred = logits.argmax(1)[0]
+        cm += confusion_matrix(pred, y.to(device), S)
+        bits, pixels, decoded = bits + 8 * len(data), pixels + y.numel(), decoded + 1
+        if return_masks:
+            masks[name] = pred.cpu()
+    miou, per_class = iou(cm)
+    m = {"miou": miou, "iou": per_class, "bpp_real": bits / max(pixels, 1), "n_images": decoded,
+         "n_refused": len(refused), "refused": refused}
+    return (m, masks) if return_masks else m
+
+
+# -----------------------------------------------------------------------------
+# rate-distortion curves (Fig. 5), with the conventional JPEG pipeline (Fig. 1a)
+
+JPEG_QUALITIES = [2, 5, 10, 20, 35, 50, 75, 90]
+
+
+@torch.no_grad()
+def jpeg_rd(model, dataset, device, qualities=JPEG_QUALITIES, batch_size=8):
+    """Each image JPEG-coded by Pillow at each quality; bpp from the JPEG bytes; the decoded
+    image segmented by the No-Compression model (the paper also fine-tunes that model on
+    JPEG images; we do not)."""
+    model.eval()
+    S, rows = num_classes(model), []
+    for q in qualities:
+        cm = torch.zeros(S, S, dtype=torch.int64)
+        bits = pixels = 0
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            decoded = []
+            for xi in x:
+                buf = io.BytesIO()
+                Image.fromarray(denormalize(xi)).save(buf, "JPEG", quality=q)
+                bits += 8 * buf.tell()
+                decoded.append(normalize(np.array(Image.open(buf).convert("RGB"))))
+            pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
+            logits = model(torch.stack(decoded).to(device))["logits"]
+            cm += confusion_matrix(logits.argmax(1), y.to(device), S)
+        rows.append({"method": "jpeg", "quality": q, "bpp_real": bits / pixels, "miou": iou(cm)[0]})
+    return rows
+
+
+def rd_points(ckpts, device, split="val", limit=None, data_root=None, qualities=JPEG_QUALITIES):
+    """One row per checkpoint (mIoU, real and estimated bpp), plus the JPEG points for a
+    No-Compression checkpoint."""
+    rows = []
+    for path in ckpts:
+        model, ckpt = load_checkpoint(path, device)
+        cfg = ckpt["args"]
+        ds, _ = val_dataset(cfg, split, limit, data_root)
+        m = evaluate(model, ds, device)
+        rows.append({"checkpoint": path, "dataset": cfg["dataset"], "method": cfg["decoder"],
+                     "alpha": cfg.get("alpha"), "K": cfg["K"],
+                     "bpp_real": m["bpp_real"], "bpp_est": m["bpp_est"], "miou": m["miou"]})
+        print(f"{path}: {cfg['decoder']}, mIoU {m['miou']:.4f}, bpp {m['bpp_real']}")
+        if cfg["decoder"] == "none":
+            for row in jpeg_rd(model, ds, device, qualities):
+                rows.append({"checkpoint": path, "dataset": cfg["dataset"], **row})
+                print(f"  JPEG q={row['quality']}: mIoU {row['miou']:.4f}, bpp {row['bpp_real']:.4f}")
+    return rows
+
+
+def plot_rd(rows, path, title=""):
+    """mIoU over bpp on a log axis, as the paper's Fig. 5."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    styles = {"jd": ("o-", "C3", "JD (ours, Fig. 1d)"), "ahuja": ("s-", "C0", "Ahuja et al. SD + D (Fig. 1c)"),
+              "jpeg": ("^--", "C2", "JPEG + DeepLabv3 (Fig. 1a)")}
+    for method, (marker, colour, label) in styles.items():
+        pts = sorted((r["bpp_real"], r["miou"]) for r in rows if r["method"] == method)
+        if pts:
+            ax.plot(*zip(*pts), marker, color=colour, label=label)
+    for r in rows:
+        if r["method"] == "none":
+            ax.axhline(r["miou"], color="k", ls=":", label="No Compression")
+    ax.set_xscale("log")
+    ax.set_xlabel("bits per pixel (real bitstreams)")
+    ax.set_ylabel("mIoU")
+    ax.set_title(title)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+# -----------------------------------------------------------------------------
+# pictures (Fig. 6)
+
+
+@torch.no_grad()
+def save_vis(model, dataset, palette, out_dir, n, device):
+    """n PNGs of image | ground truth | prediction (decoded from the bitstream), the
+    image's bpp in the file name."""
+    os.makedirs(out_dir, exist_ok=True)
+    paths = []
+    for i in range(min(n, len(dataset))):
+        x, y = dataset[i]
+        if model.decoder == "none":
+            logits, tag = model(x[None].to(device))["logits"], "nocompression"
+        else:
+            strings = model.compress(x[None].to(device))
+            logits, tag = model.decompress(strings), f"{8 * len(strings[0]) / y.numel():.4f}bpp"
+        pred = logits.argmax(1)[0].cpu().numpy()
+        picture = np.concatenate([denormalize(x), colorize(y.numpy().clip(0, 255), palette),
+                                  colorize(pred, palette)], axis=1)
+        paths.append(os.path.join(out_dir, f"{i:03d}_{tag}.png"))
+        Image.fromarray(picture).save(paths[-1])
+    return paths
+
+
+# -----------------------------------------------------------------------------
+# the cloud benchmark: JD vs Ahuja et al.'s SD + D per image, entropy decoding included
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+@torch.no_grad()
+def benchmark_cloud(dataset="cityscapes", size=None, batch=1, repeat=3, device="cpu", seed=0):
+    """Seconds per image of the cloud of JD (deployed, fused) and of Ahuja et al.'s SD + D at a
+    preset's networks and resolution, with random weights: both decode the same bytes (JD's
+    entropy models are copied into the Ahuja model), so the networks make the difference."""
+    cfg = PAPER_NETWORKS[dataset]
+    H, W = size or RESOLUTIONS[dataset][1]
+    torch.manual_seed(seed)
+    models = {"jd": reparameterize(DistributedSegmenter("jd", **cfg).eval()),
+              "ahuja": DistributedSegmenter("ahuja", **cfg).eval()}
+    models["ahuja"].hyperprior.load_state_dict(models["jd"].hyperprior.state_dict())
+    hp = models["jd"].hyperprior
+    hp.update()
+    r = torch.round(0.7 * torch.randn(batch, 64, -(-H // 16), -(-W // 16)))  # a latent of the right size
+    strings = hp.compress(r, models["jd"].SE.h_a(r.abs()), (H, W))
+    results = {}
+    for name, model in models.items():
+        model.to(device)
+        model.hyperprior.update()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+        times = []
+        for k in range(repeat + 1):  # the first run warms up
+            t0 = time.perf_counter()
+            r_hat, image_size = model.hyperprior.decompress(strings)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            t1 = time.perf_counter()
+            model.cloud_head(r_hat, image_size).argmax(1)
+            if device.startswith("cuda"):
+                torch.cuda.synchronize(device)
+            times.append((t1 - t0, time.perf_counter() - t1))
+        entropy_s, network_s = (float(np.median(t)) / batch for t in zip(*times[1:]))
+        results[name] = {"entropy_ms": 1e3 * entropy_s, "network_ms": 1e3 * network_s,
+                         "total_ms": 1e3 * (entropy_s + network_s),
+                         "images_per_s": 1 / (entropy_s + network_s), "peak_memory_mb": peak_memory_mb(device)}
+        model.cpu()
+    results.update(dataset=dataset, size=[H, W], batch=batch, repeat=repeat, device=device,
+                   bytes_per_image=sum(map(len, strings)) / batch, threads=torch.get_num_threads())
+    return results
+
+
+def print_benchmark(b):
+    print(f"cloud per image, {b['dataset']} networks at {b['size'][0]}x{b['size'][1]}, batch {b['batch']}, "
+          f"median of {b['repeat']} runs on {b['device']} ({b['threads']} threads); "
+          f"{b['bytes_per_image']:.0f} bytes per image")
+    print(f"{'cloud':28s} {'entropy dec. ms':>15s} {'network ms':>11s} {'total ms':>9s} {'images/s':>9s} {'peak MB':>8s}")
+    for name, label in (("jd", "JD (deployed)"), ("ahuja", "Ahuja et al. SD + D")):
+        r = b[name]
+        print(f"{label:28s} {r['entropy_ms']:15.1f} {r['network_ms']:11.1f} {r['total_ms']:9.1f} "
+              f"{r['images_per_s']:9.3f} {r['peak_memory_mb']:8.0f}")
+    print(f"{'JD / Ahuja':28s} {b['jd']['entropy_ms'] / b['ahuja']['entropy_ms']:14.1%} "
+          f"{b['jd']['network_ms'] / b['ahuja']['network_ms']:10.1%} {b['jd']['total_ms'] / b['ahuja']['total_ms']:8.1%}")
+    if not b["device"].startswith("cuda"):
+        print("(peak MB on the CPU is the process's peak resident memory so far: JD runs first)")
+
 
 # -----------------------------------------------------------------------------
 # complexity: parameters and multiply-accumulates
@@ -107,7 +360,7 @@ def complexity(dataset, K=None):
     (eh, ew), (ch, cw) = RESOLUTIONS[dataset]
     with torch.device("meta"):  # shapes only: no memory, no arithmetic
         jd = DistributedSegmenter("jd", **cfg).eval()
-        jd_deployed = DistributedSegmenter("jd", **cfg, deployed=True).eval()
+        jd_deployed = reparameterize(jd)  # the branch fusion itself, on shapes only
         ahuja = DistributedSegmenter("ahuja", **cfg).eval()
         nocomp = DistributedSegmenter("none", **cfg).eval()
         x = torch.empty(1, 3, eh, ew)
@@ -164,23 +417,83 @@ def print_complexity(c):
 
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to evaluate
+    p.add_argument("--ckpt", default=None, help="a train.py / reparam.py checkpoint")
+    p.add_argument("--rd", nargs="+", default=None, metavar="CKPT", help="checkpoints for an RD plot/CSV")
+    p.add_argument("--benchmark", choices=["cloud"], default=None, help="time JD vs Ahuja's cloud per image")
     p.add_argument("--complexity", action="store_true", help="print params/GMACs vs the paper's tables")
-    p.add_argument("--dataset", default="cityscapes", choices=sorted(PAPER_NETWORKS),
-                   help="paper preset for --complexity")
-    p.add_argument("--K", type=int, default=None, help="over-parameterization repetitions (default: preset's)")
+    # data
+    p.add_argument("--split", default="val", help="dataset split")
+    p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
+    p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's)")
+    p.add_argument("--batch-size", type=int, default=8)
+    # outputs
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--save-bitstreams", default=None, metavar="DIR", help="run only the edge: one file per image")
+    p.add_argument("--from-bitstreams", default=None, metavar="DIR", help="run only the cloud, on those files")
+    p.add_argument("--save-vis", nargs=2, default=None, metavar=("DIR", "N"), help="N pictures image|truth|prediction")
+    p.add_argument("--plot", default=None, help="RD plot (PNG) for --rd")
+    p.add_argument("--csv", default=None, help="RD table (CSV) for --rd")
+    p.add_argument("--jpeg-qualities", type=int, nargs="+", default=JPEG_QUALITIES, help="for --rd")
+    # complexity and benchmark
+    p.add_argument("--dataset", default="cityscapes", choices=sorted(PAPER_NETWORKS), help="paper preset")
+    p.add_argument("--K", type=int, default=None, help="over-parameterization repetitions (default: preset's)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="benchmark input size")
+    p.add_argument("--batch", type=int, default=1, help="benchmark batch")
+    p.add_argument("--repeat", type=int, default=3, help="benchmark runs after one warm-up")
+    # system
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def main(args):
+    out = None
     if args.complexity:
-        c = complexity(args.dataset, args.K)
-        print_complexity(c)
-        if args.json:
-            with open(args.json, "w") as f:
-                json.dump(c, f, indent=2)
+        out = complexity(args.dataset, args.K)
+        print_complexity(out)
+    elif args.benchmark:
+        out = benchmark_cloud(args.dataset, args.size, args.batch, args.repeat, args.device)
+        print_benchmark(out)
+    elif args.rd:
+        out = rd_points(args.rd, args.device, args.split, args.limit, args.data_root, args.jpeg_qualities)
+        if args.csv:
+            keys = ["checkpoint", "dataset", "method", "alpha", "K", "quality", "bpp_real", "bpp_est", "miou"]
+            with open(args.csv, "w") as f:
+                f.write(",".join(keys) + "\n")
+                for row in out:
+                    f.write(",".join("" if row.get(k) is None else str(row[k]) for k in keys) + "\n")
+        if args.plot:
+            plot_rd(out, args.plot, f"{out[0]['dataset']}, {args.split} set")
+            print(f"wrote {args.plot}")
+    elif args.ckpt:
+        model, ckpt = load_checkpoint(args.ckpt, args.device)
+        ds, full = val_dataset(ckpt["args"], args.split, args.limit, args.data_root)
+        if args.save_bitstreams:
+            n, total = save_bitstreams(model, ds, args.save_bitstreams, args.device, args.split, args.batch_size)
+            out = {"n_images": n, "bytes": total}
+            print(f"edge: wrote {n} bitstreams, {total} bytes, to {args.save_bitstreams}")
+        elif args.from_bitstreams:
+            out = from_bitstreams(model, ds, args.from_bitstreams, args.device, args.split)
+            print(f"cloud: {out['n_images']} bitstreams decoded, {out['n_refused']} refused; "
+                  f"mIoU {out['miou']:.4f}, bpp (file bytes) {out['bpp_real']:.4f}")
+        else:
+            out = evaluate(model, ds, args.device, args.batch_size)
+            for name, v in zip(full.classes, out["iou"]):
+                print(f"  {name:16s} IoU {v:.4f}")
+            line = f"{args.split} ({out['n_images']} images): mIoU {out['miou']:.4f}"
+            if out["bpp_real"] is not None:
+                out["bpp_ratio"] = out["bpp_real"] / out["bpp_est"]
+                line += (f", bpp (real bytes) {out['bpp_real']:.4f}, bpp (likelihoods) {out['bpp_est']:.4f}, "
+                         f"ratio {out['bpp_ratio']:.3f}")
+            print(line)
+        if args.save_vis:
+            paths = save_vis(model, ds, full.palette, args.save_vis[0], int(args.save_vis[1]), args.device)
+            print(f"wrote {len(paths)} pictures to {args.save_vis[0]}")
     else:
         get_args_parser().print_help()
+    if args.json and out is not None:
+        with open(args.json, "w") as f:
+            json.dump(out, f, indent=2)
 
 
 if __name__ == "__main__":
