@@ -3,6 +3,8 @@ Tests: CPU only, tiny shapes, fixed seeds. Each states its invariant in its docs
 
     python -m pytest -q test_all.py
 """
+import io
+import json
 import os
 import re
 import signal
@@ -15,10 +17,16 @@ import pytest
 import torch
 
 import entropy
-from data import SYNTHETIC_CLASSES, SyntheticStreets
+from PIL import Image
+
+from data import SYNTHETIC_CLASSES, SyntheticStreets, denormalize, get_dataset
 from entropy import HyperpriorCoder, bits_per_pixel, split_parameters
-from evaluate import complexity
-from model import HD, PAPER_NETWORKS, SE, DistributedSegmenter, load_checkpoint, save_checkpoint
+from evaluate import (benchmark_cloud, complexity, confusion_matrix, from_bitstreams, get_args_parser,
+                      iou, jpeg_rd, save_bitstreams, val_dataset)
+from evaluate import main as evaluate_main
+from model import (HD, PAPER_NETWORKS, SE, DistributedSegmenter, load_checkpoint, load_encoder_weights,
+                   save_checkpoint)
+from reparam import reparameterize
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -349,3 +357,385 @@ def test_torchrun_two_processes(tmp_path):
                           stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout
     assert "2 process(es)" in proc.stdout and "final val (5 images)" in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# re-parameterization
+
+
+def randomize_bn(model, seed=0):
+    """Random BN statistics and affine parameters: default ones would hide fusion bugs."""
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(torch.randn(n, generator=g) * 0.5)
+            m.running_var.copy_(torch.rand(n, generator=g) * 2 + 0.1)
+            m.weight.data.copy_(torch.randn(n, generator=g))
+            m.bias.data.copy_(torch.randn(n, generator=g))
+
+
+@pytest.mark.parametrize("K", [1, 2, 3])
+def test_fusion_is_exact(K):
+    """Fused vs unfused logits in eval mode: max |diff| <= 1e-10 in float64, <= 1e-4 in
+    float32; the deployed JD has the plain (K=0) conv weights plus one bias per sub-block."""
+    model = tiny_model("jd", K=K)
+    randomize_bn(model, seed=K)
+    model.eval()
+    x = torch.randn(2, 3, 40, 72)
+    with torch.no_grad():
+        deployed = reparameterize(model)
+        assert (model(x)["logits"] - deployed(x)["logits"]).abs().max() <= 1e-4
+        # float64: JD alone (the entropy models always run in float32)
+        jd64, r_hat = model.JD.double(), torch.round(3 * torch.randn(2, 64, 3, 5, dtype=torch.float64))
+        deployed64 = reparameterize(model).JD
+        assert (jd64(r_hat, (40, 72)) - deployed64(r_hat, (40, 72))).abs().max() <= 1e-10
+    plain = tiny_model("jd", K=0)
+    assert count(deployed.JD) == count(plain.JD) - 5 * 2 * 64 + 5 * 64
+    assert count(deployed.JD) == count(tiny_model("jd", deployed=True).JD)
+    assert count(deployed.hyperprior) == count(model.hyperprior)
+
+
+def test_fusion_refuses_training_mode_and_twice():
+    """Fusing a model in training mode, fusing twice, or fusing a baseline is refused."""
+    model = tiny_model("jd")
+    with pytest.raises(ValueError, match="eval"):
+        reparameterize(model)
+    deployed = reparameterize(model.eval())
+    with pytest.raises(ValueError, match="already deployed"):
+        reparameterize(deployed)
+    with pytest.raises(ValueError, match="ahuja"):
+        reparameterize(tiny_model("ahuja").eval())
+
+
+def test_deployed_checkpoint_decodes_same_bitstreams(tmp_path):
+    """A deployed checkpoint rebuilt from disk decodes the K-branch model's bitstreams to the
+    same masks; the edge (and so every byte) is unchanged."""
+    model = tiny_model("jd", K=3)
+    randomize_bn(model)
+    model.eval()
+    model.hyperprior.update()
+    args = dict(decoder="jd", num_classes=5, F=64, K=3, encoder="resnet18-l2", dilations=[1, 2, 3],
+                head="torchvision")
+    deployed = reparameterize(model)
+    save_checkpoint({"model": deployed.state_dict(), "args": {**args, "deployed": True}},
+                    str(tmp_path / "deployed.pt"))
+    loaded, _ = load_checkpoint(str(tmp_path / "deployed.pt"))
+    x = torch.randn(2, 3, 64, 80)
+    strings = model.compress(x)
+    assert loaded.compress(x) == strings
+    assert torch.equal(loaded.decompress(strings).argmax(1), model.decompress(strings).argmax(1))
+
+
+# -----------------------------------------------------------------------------
+# evaluation
+
+
+def write_tiny_ckpt(path, decoder, seed=0):
+    """A small untrained checkpoint on the synthetic data, as train.py would save it."""
+    cfg = dict(dataset="synthetic", decoder=decoder, num_classes=len(SYNTHETIC_CLASSES), F=64, K=1,
+               encoder="resnet18-l2", dilations=[1, 2, 3], head="torchvision", alpha=0.5, seed=0)
+    torch.manual_seed(seed)
+    model = DistributedSegmenter(decoder, len(SYNTHETIC_CLASSES), 64, 1, "resnet18-l2", dilations=(1, 2, 3))
+    if decoder != "none":
+        model.hyperprior.update()
+    save_checkpoint({"model": model.state_dict(), "args": cfg, "iter_num": 0}, str(path))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpts")
+    return {dec: write_tiny_ckpt(d / f"{dec}.pt", dec) for dec in ("jd", "ahuja", "none")}
+
+
+def test_evaluate_cli_json(ckpts, tmp_path):
+    """--ckpt --json reports mIoU in [0, 1], bpp from real bytes and from likelihoods."""
+    out = tmp_path / "m.json"
+    evaluate_main(get_args_parser().parse_args(["--ckpt", ckpts["jd"], "--limit", "3", "--json", str(out)]))
+    m = json.load(open(out))
+    assert m["n_images"] == 3 and 0 <= m["miou"] <= 1 and len(m["iou"]) == len(SYNTHETIC_CLASSES)
+    assert m["bpp_real"] > 0 and m["bpp_est"] > 0 and m["bpp_ratio"] == m["bpp_real"] / m["bpp_est"]
+
+
+def test_miou_known_value():
+    """A hand-made confusion: label 255 is ignored, IoU = TP / (TP + FP + FN), absent classes
+    drop out of the mean."""
+    target = torch.tensor([0, 0, 1, 1, 255, 255])
+    pred = torch.tensor([0, 1, 1, 1, 0, 2])
+    cm = confusion_matrix(pred, target, 3)
+    assert cm.sum() == 4
+    miou, per_class = iou(cm)
+    assert per_class[0] == pytest.approx(1 / 2) and per_class[1] == pytest.approx(2 / 3)
+    assert np.isnan(per_class[2]) and miou == pytest.approx((1 / 2 + 2 / 3) / 2)
+
+
+def test_bitstreams_on_disk(ckpts, tmp_path):
+    """The edge writes one file per image; the cloud decodes them to the in-process masks;
+    corrupt, foreign and misnamed files are refused by name and counted."""
+    model, ckpt = load_checkpoint(ckpts["jd"])
+    ds, _ = val_dataset(ckpt["args"], limit=4)
+    n, total = save_bitstreams(model, ds, str(tmp_path), "cpu")
+    files = sorted(os.listdir(tmp_path))
+    assert n == 4 and files[0] == "val_00000.dssj" and total == sum(os.path.getsize(tmp_path / f) for f in files)
+    m, masks = from_bitstreams(model, ds, str(tmp_path), "cpu", return_masks=True)
+    assert m["n_images"] == 4 and m["n_refused"] == 0
+    with torch.no_grad():
+        for i in range(4):
+            ref = model(ds[i][0][None])["logits"].argmax(1)[0]
+            assert torch.equal(masks[f"val_{i:05d}.dssj"], ref)
+    data = (tmp_path / "val_00001.dssj").read_bytes()
+    (tmp_path / "val_00001.dssj").write_bytes(data[:-3])  # truncated in transit
+    (tmp_path / "val_00002.dssj").write_bytes(b"\x89PNG" + data[4:])  # a foreign file
+    (tmp_path / "notes.txt").write_text("hello")
+    write_tiny_ckpt(tmp_path.parent / "other.pt", "jd", seed=7)
+    other, _ = load_checkpoint(str(tmp_path.parent / "other.pt"))
+    m = from_bitstreams(model, ds, str(tmp_path), "cpu")
+    assert m["n_images"] == 2 and m["n_refused"] == 3
+    assert {name for name, _ in m["refused"]} == {"val_00001.dssj", "val_00002.dssj", "notes.txt"}
+    assert from_bitstreams(other, ds, str(tmp_path), "cpu")["n_images"] == 0  # another model's files
+
+
+def test_jpeg_bpp_from_file_bytes(ckpts):
+    """The JPEG baseline's bpp is 8 * the bytes of Pillow's JPEG files / pixels."""
+    model, ckpt = load_checkpoint(ckpts["none"])
+    ds, _ = val_dataset(ckpt["args"], limit=2)
+    (row,) = jpeg_rd(model, ds, "cpu", qualities=[30])
+    nbytes = 0
+    for i in range(2):
+        buf = io.BytesIO()
+        Image.fromarray(denormalize(ds[i][0])).save(buf, "JPEG", quality=30)
+        nbytes += len(buf.getvalue())
+    assert row["bpp_real"] == 8 * nbytes / (2 * 128 * 256) and 0 <= row["miou"] <= 1
+
+
+def test_rd_csv_and_plot(ckpts, tmp_path):
+    """--rd writes one CSV row per checkpoint, plus one per JPEG quality for the
+    No-Compression checkpoint, and a PNG plot."""
+    csv, png = tmp_path / "rd.csv", tmp_path / "rd.png"
+    evaluate_main(get_args_parser().parse_args(["--rd", ckpts["jd"], ckpts["ahuja"], "--limit", "2",
+                                                "--csv", str(csv), "--plot", str(png)]))
+    lines = csv.read_text().splitlines()
+    assert len(lines) == 1 + 2 and lines[1].split(",")[2] == "jd" and png.stat().st_size > 0
+    evaluate_main(get_args_parser().parse_args(["--rd", ckpts["jd"], ckpts["none"], "--limit", "2",
+                                                "--csv", str(csv), "--jpeg-qualities", "10", "60"]))
+    methods = [line.split(",")[2] for line in csv.read_text().splitlines()[1:]]
+    assert methods == ["jd", "none", "jpeg", "jpeg"]
+
+
+def test_save_vis(ckpts, tmp_path):
+    """--save-vis writes N pictures image | truth | prediction with the bpp in the name."""
+    evaluate_main(get_args_parser().parse_args(["--ckpt", ckpts["jd"], "--limit", "2",
+                                                "--save-vis", str(tmp_path), "2"]))
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 2 and re.fullmatch(r"000_\d\.\d{4}bpp\.png", names[0])
+    assert Image.open(tmp_path / names[0]).size == (3 * 256, 128)
+
+
+def test_benchmark_cloud_runs():
+    """The cloud benchmark times JD (fused) and Ahuja's SD + D on the same bytes."""
+    b = benchmark_cloud("cityscapes", size=(64, 128), repeat=1)
+    for name in ("jd", "ahuja"):
+        assert b[name]["entropy_ms"] > 0 and b[name]["network_ms"] > 0 and b[name]["images_per_s"] > 0
+    assert b["bytes_per_image"] > entropy.HEADER.size
+
+
+# -----------------------------------------------------------------------------
+# real datasets, on fixtures written here in their real layouts
+
+
+def rect(h, w, y0, y1, x0, x1):
+    m = np.zeros((h, w), np.uint8)
+    m[y0:y1, x0:x1] = 1
+    return m
+
+
+@pytest.fixture(scope="module")
+def cityscapes_root(tmp_path_factory):
+    """A Cityscapes tree: 2 train images in two cities, 2 val images, 64x128, labelIds with
+    ids that map to several train ids and to 255."""
+    root = tmp_path_factory.mktemp("cityscapes")
+    rng = np.random.default_rng(0)
+    labels = {}
+    for split, cities in (("train", ["bremen", "aachen"]), ("val", ["lindau", "lindau"])):
+        for k, city in enumerate(cities):
+            stem = f"{city}_000000_00001{k}"
+            ids = np.full((64, 128), 7, np.uint8)  # road
+            ids[:20] = 23  # sky
+            ids[20:40, :30] = 11  # building
+            ids[40:, 100:] = 8  # sidewalk
+            ids[30:50, 50:70] = 26  # car
+            ids[50:, :10] = 0  # unlabeled
+            ids[45:50, 80:84] = 4  # static (no train id)
+            ids[10:12, 120:] = 33 if k else 24  # bicycle / person
+            for folder, name, array in (("leftImg8bit", "leftImg8bit", rng.integers(0, 256, (64, 128, 3), np.uint8)),
+                                        ("gtFine", "gtFine_labelIds", ids)):
+                os.makedirs(root / folder / split / city, exist_ok=True)
+                Image.fromarray(array).save(root / folder / split / city / f"{stem}_{name}.png")
+            labels[(split, stem)] = ids
+    return root, labels
+
+
+def test_cityscapes_labels(cityscapes_root):
+    """labelIds map to the 19 train ids exactly (others 255); file lists are sorted."""
+    root, labels = cityscapes_root
+    ds = get_dataset("cityscapes", "train", str(root))
+    assert [os.path.basename(p) for p in ds.images] == ["aachen_000000_000011_leftImg8bit.png",
+                                                        "bremen_000000_000010_leftImg8bit.png"]
+    train_id = {7: 0, 8: 1, 11: 2, 23: 10, 24: 11, 26: 13, 33: 18, 0: 255, 4: 255}
+    x, y = ds[0]
+    expected = np.vectorize(train_id.get)(labels[("train", "aachen_000000_000011")])
+    assert x.shape == (3, 64, 128) and np.array_equal(y.numpy(), expected)
+    assert len(ds.classes) == 19 and ds.classes[13] == "car"
+
+
+def test_training_transform(cityscapes_root):
+    """The training transform gives crop x crop tensors, padded with 255 where the rescaled
+    image is smaller, the same for the same (index, epoch) and different across epochs."""
+    root, _ = cityscapes_root
+    ds = get_dataset("cityscapes", "train", str(root), crop=96)
+    x, y = ds[(1, 0)]
+    assert x.shape == (3, 96, 96) and y.shape == (96, 96)
+    assert torch.equal(ds[(1, 0)][1], y)
+    assert any(not torch.equal(ds[(1, e)][0], x) for e in range(1, 4))
+    assert set(y.unique().tolist()) <= {0, 1, 2, 10, 11, 13, 18, 255}
+
+
+def test_missing_data_names_layout(tmp_path, cityscapes_root):
+    """A missing or incomplete data root raises an error that shows the expected layout and
+    where the data comes from."""
+    with pytest.raises(FileNotFoundError, match="cityscapes-dataset.com") as e:
+        get_dataset("cityscapes", "train", str(tmp_path / "nowhere"))
+    assert "gtFine/{train,val}/<city>/" in str(e.value)
+    with pytest.raises(FileNotFoundError, match="cocodataset.org"):
+        get_dataset("coco", "val", str(tmp_path / "nowhere"))
+    root, _ = cityscapes_root
+    incomplete = tmp_path / "cs"
+    (incomplete / "leftImg8bit" / "val" / "lindau").mkdir(parents=True)
+    for p in (root / "leftImg8bit" / "val" / "lindau").iterdir():
+        (incomplete / "leftImg8bit" / "val" / "lindau" / p.name).write_bytes(p.read_bytes())
+    with pytest.raises(FileNotFoundError, match="2 label files"):
+        get_dataset("cityscapes", "val", str(incomplete))
+
+
+@pytest.fixture(scope="module")
+def coco_root(tmp_path_factory):
+    """A COCO tree: a polygon, an uncompressed-RLE crowd, a compressed-RLE mask, two
+    overlapping instances of different classes (and two of one class), a non-VOC category;
+    one training image whose kept area is below 1000 pixels."""
+    from pycocotools import mask as coco_mask
+    root = tmp_path_factory.mktemp("coco")
+    H, W = 40, 60
+    cats = [{"id": i, "name": f"c{i}", "supercategory": "x"} for i in (1, 3, 17, 18, 65)]
+
+    def rle(m, compressed):
+        r = coco_mask.encode(np.asfortranarray(m))
+        if compressed:
+            return {"size": [H, W], "counts": r["counts"].decode()}
+        flat, counts, value, run = m.flatten(order="F"), [], 0, 0  # uncompressed: run lengths
+        for v in flat:
+            if v != value:
+                counts.append(run)
+                value, run = v, 0
+            run += 1
+        return {"size": [H, W], "counts": counts + [run]}
+
+    person = rect(H, W, 5, 25, 5, 25)  # polygon, person (VOC 15)
+    cat = rect(H, W, 15, 35, 15, 35)  # polygon, cat (VOC 8), overlaps the person
+    car = rect(H, W, 0, 10, 40, 60)  # uncompressed-RLE crowd, car (VOC 7)
+    dog = rect(H, W, 30, 40, 40, 50)  # compressed RLE, dog (VOC 12)
+    dog2 = rect(H, W, 35, 40, 45, 55)  # a second dog overlapping the first: stays dog
+    bed = rect(H, W, 0, 40, 0, 60)  # bed is not a VOC class: ignored
+    anns = [  # (image, category, crowd, segmentation, mask)
+        (1, 1, 0, [[5, 5, 25, 5, 25, 25, 5, 25]], person),
+        (1, 17, 0, [[15, 15, 35, 15, 35, 35, 15, 35]], cat),
+        (1, 3, 1, rle(car, False), car),
+        (1, 18, 0, rle(dog, True), dog),
+        (1, 18, 0, rle(dog2, True), dog2),
+        (1, 65, 0, rle(bed, True), bed),
+        (2, 1, 0, [[0, 0, 20, 0, 20, 20, 0, 20]], rect(H, W, 0, 20, 0, 20)),  # 400 px only
+    ]
+    anns = [{"id": i + 1, "image_id": im, "category_id": c, "iscrowd": crowd, "segmentation": seg,
+             "area": float(m.sum()), "bbox": [0, 0, W, H]} for i, (im, c, crowd, seg, m) in enumerate(anns)]
+    images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": H, "width": W} for i in (1, 2)]
+    expected = np.zeros((H, W), np.uint8)
+    expected[person == 1] = 15
+    expected[cat == 1] = 8
+    expected[(person & cat) == 1] = 255
+    expected[car == 1] = 7
+    expected[(dog | dog2) == 1] = 12
+    (root / "annotations").mkdir()
+    rng = np.random.default_rng(0)
+    for split, imgs, ann in (("train", images + [dict(images[0], id=3, file_name="000000000003.jpg"),
+                                                 dict(images[0], id=4, file_name="000000000004.jpg")],
+                              anns + [dict(a, id=a["id"] + 100 * k, image_id=k) for k in (3, 4) for a in anns[:6]]),
+                             ("val", images[:1], anns[:6])):
+        (root / f"{split}2017").mkdir()
+        for img in imgs:
+            Image.fromarray(rng.integers(0, 256, (H, W, 3), np.uint8)).save(root / f"{split}2017" / img["file_name"])
+        json.dump({"images": imgs, "annotations": ann, "categories": cats},
+                  open(root / "annotations" / f"instances_{split}2017.json", "w"))
+    return root, expected
+
+
+def test_coco_labels(coco_root):
+    """Instances merge into the 21-class map exactly: polygons, uncompressed-RLE crowds and
+    compressed RLE decoded; overlaps of two classes -> 255, of one class -> that class;
+    non-VOC categories -> background; training images with kept area <= 1000 dropped."""
+    root, expected = coco_root
+    val = get_dataset("coco", "val", str(root))
+    assert np.array_equal(val.label(1), expected)
+    x, y = val[0]  # resized so that the longer side is 513, padded to 513x513 with 255
+    assert x.shape == (3, 513, 513) and (y[342:] == 255).all() and (y[:340] != 255).any()
+    train = get_dataset("coco", "train", str(root), crop=32)
+    assert train.ids == [1, 3, 4]
+    assert train[(0, 0)][0].shape == (3, 32, 32)
+
+
+def test_train_on_fixtures(cityscapes_root, coco_root, tmp_path):
+    """A short train.py run completes on each real-layout fixture with its preset."""
+    light = ["--encoder", "resnet18-l2", "--F", "64", "--K", "1", "--batch-size", "2", "--max-iters", "2",
+             "--eval-interval", "2", "--num-workers", "0", "--dilations", "1", "2", "3"]
+    out = run_train("--dataset", "cityscapes", "--data-root", str(cityscapes_root[0]), "--crop", "64",
+                    *light, "--out-dir", str(tmp_path / "cs")).stdout
+    assert "final val (2 images)" in out
+    assert json.load(open(tmp_path / "cs" / "metrics.json"))["args"]["num_classes"] == 19
+    out = run_train("--dataset", "coco", "--data-root", str(coco_root[0]), "--crop", "64", "--val-limit", "1",
+                    *light, "--out-dir", str(tmp_path / "coco")).stdout
+    assert "final val (1 images)" in out
+
+
+def test_print_config_is_table_3():
+    """--dataset cityscapes --K 3 --print-config shows Suppl. Table 3's values, without data."""
+    out = run_train("--dataset", "cityscapes", "--K", "3", "--print-config").stdout
+    cfg = json.loads(out[: out.rindex("}") + 1])
+    assert {k: cfg[k] for k in ("max_iters", "batch_size", "lr", "lr_aux", "crop", "F", "K", "num_classes",
+                                "encoder", "dilations", "clip", "head")} == dict(
+        max_iters=80000, batch_size=8, lr=1e-3, lr_aux=1e-3, crop=769, F=512, K=3, num_classes=19,
+        encoder="resnet50", dilations=[5, 10, 15], clip=1.0, head="mmseg")
+    cfg = json.loads(run_train("--dataset", "coco", "--print-config").stdout.split("\nfixed")[0])
+    assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["lr_aux"], cfg["crop"], cfg["F"], cfg["K"]) == \
+        (42, 16, 1e-2, 1e-3, 513, 256, 1)
+
+
+def test_encoder_weights(tmp_path):
+    """A torchvision ResNet state dict, a DeepLabv3-style "backbone." state dict and our own
+    checkpoint load into E; unused keys are reported; another architecture's are refused."""
+    import torchvision
+    resnet18 = torchvision.models.resnet18().state_dict()
+    torch.save(resnet18, tmp_path / "r18.pth")
+    E = tiny_model("jd").E
+    unused = load_encoder_weights(E, str(tmp_path / "r18.pth"))
+    assert torch.equal(E.layer2[0].conv1.weight, resnet18["layer2.0.conv1.weight"])
+    assert "fc.weight" in unused and "layer4.0.conv1.weight" in unused
+    torch.save({**{f"backbone.{k}": v for k, v in resnet18.items()}, "classifier.4.weight": torch.zeros(1)},
+               tmp_path / "deeplab.pth")
+    assert "classifier.4.weight" not in load_encoder_weights(E, str(tmp_path / "deeplab.pth"))
+    own = tiny_model("none", seed=5)  # a No Compression model's checkpoint, as train.py saves it
+    torch.save({"model": own.state_dict(), "args": {}}, tmp_path / "own.pt")
+    load_encoder_weights(E, str(tmp_path / "own.pt"))
+    assert torch.equal(E.conv1.weight, own.E.conv1.weight)
+    with torch.device("meta"):
+        E50 = DistributedSegmenter("none", S=3, F=64, encoder="resnet50").E
+    with pytest.raises(ValueError, match="shaped otherwise|lacks"):
+        load_encoder_weights(E50, str(tmp_path / "r18.pth"))
