@@ -199,8 +199,9 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, qualities=
         cfg = ckpt["args"]
         ds, _ = val_dataset(cfg, split, limit, data_root)
         m = evaluate(model, ds, device)
+        coded = cfg["decoder"] != "none"  # alpha and K mean nothing without compression
         rows.append({"checkpoint": path, "dataset": cfg["dataset"], "method": cfg["decoder"],
-                     "alpha": cfg.get("alpha"), "K": cfg["K"],
+                     "alpha": cfg.get("alpha") if coded else None, "K": cfg["K"] if coded else None,
                      "bpp_real": m["bpp_real"], "bpp_est": m["bpp_est"], "miou": m["miou"]})
         print(f"{path}: {cfg['decoder']}, mIoU {m['miou']:.4f}, bpp {m['bpp_real']}")
         if cfg["decoder"] == "none":
