@@ -18,7 +18,7 @@ hyper-analysis h_a), HD = hyper-decoder, JD = joint source and task decoder (Fig
 ASPP sub-blocks are over-parameterized with K branches during training (Fig. 4, Sec. 3.3).
 The entropy models and the bitstreams live in entropy.py; branch fusion in reparam.py.
 
-    model = DistributedSegmenter(decoder="jd", S=19, F=512, K=3)   # the Cityscapes preset
+    model = DistributedSegmenter("jd", **PAPER_NETWORKS["cityscapes"])  # S=19, F=512, K=3
     out = model(x)                  # training: {"logits": (B,S,H,W), "likelihoods": {...}}
     strings = model.compress(x)     # edge: one bytes object per image
     logits = model.decompress(strings)  # cloud: never reconstructs z

@@ -174,6 +174,8 @@ if args.encoder_weights and not args.resume:
     if master:
         print(f"E initialized from {args.encoder_weights}; keys not used: {', '.join(ignored) or 'none'}")
 model = model.to(device)
+if ddp and device_type == "cuda":  # BN statistics over all GPUs' images, not 2 per GPU
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
 compress = args.decoder != "none"
 if compress:
     main_params, aux_params = split_parameters(model)  # aux = EntropyBottleneck.quantiles
@@ -190,9 +192,6 @@ if args.resume:
     iter_num = ckpt["iter_num"]
     del ckpt
 raw_model = model  # the unwrapped model, for saving, the aux loss and evaluation
-if ddp and device_type == "cuda":
-    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    raw_model = model
 if args.compile:
     model = torch.compile(model)
 if ddp:
