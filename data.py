@@ -386,8 +386,9 @@ DEFAULT_ROOTS = {"cityscapes": "data/cityscapes", "coco": "data/coco"}
 
 
 def get_dataset(name, split, root=None, crop=None, seed=0):
-    """Dataset `name` for `split`; crop=None gives the validation transform, crop=N (or 0:
-    no crop) the random training transform."""
+    """Dataset `name` for `split`; for the real datasets crop=None gives the validation
+    transform, crop=N (or 0: no crop) the random training transform. The synthetic scenes
+    are rendered at their size, with no transform."""
     if name == "synthetic":
         return SyntheticStreets(split, seed=seed)
     if name == "cityscapes":

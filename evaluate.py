@@ -70,7 +70,8 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
         if model.decoder == "none":
             logits = model(x)["logits"]
         else:
-            r, h = model.SE(model.E(x))  # the edge
+            # the edge, spelled out (not model(x) then model.compress(x)) so that E runs once
+            r, h = model.SE(model.E(x))
             r_hat, likelihoods = model.hyperprior(r, h)
             stats[1] += sum(-torch.log2(p).sum() for p in likelihoods.values()).item()
             if real_bits:

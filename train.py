@@ -14,7 +14,6 @@ A dataset preset (--dataset) fills in only the settings you did not give.
 """
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -40,7 +39,7 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 # data
 p.add_argument("--dataset", default=None, choices=["synthetic", "cityscapes", "coco"], help="data and paper preset (default synthetic)")
 p.add_argument("--data-root", default=None, help="dataset folder (real datasets)")
-p.add_argument("--crop", type=int, default=None, help="random square training crop, 0 = whole image")
+p.add_argument("--crop", type=int, default=None, help="random square training crop of the real datasets, 0 = whole image (synthetic scenes are not cropped)")
 p.add_argument("--val-limit", type=int, default=None, help="validate on the first N val images only (quick checks)")
 # model
 p.add_argument("--decoder", default=None, choices=["jd", "ahuja", "none"], help="cloud: ours, Ahuja et al., no compression")
