@@ -385,12 +385,12 @@ CLASSES = {"synthetic": SYNTHETIC_CLASSES, "cityscapes": Cityscapes.classes, "co
 DEFAULT_ROOTS = {"cityscapes": "data/cityscapes", "coco": "data/coco"}
 
 
-def get_dataset(name, split, root=None, crop=None, seed=0):
+def get_dataset(name, split, root=None, crop=None, seed=0, size=None):
     """Dataset `name` for `split`; for the real datasets crop=None gives the validation
     transform, crop=N (or 0: no crop) the random training transform. The synthetic scenes
-    are rendered at their size, with no transform."""
+    are rendered at `size` (H, W; default 128x256), with no transform."""
     if name == "synthetic":
-        return SyntheticStreets(split, seed=seed)
+        return SyntheticStreets(split, size=tuple(size or (128, 256)), seed=seed)
     if name == "cityscapes":
         return Cityscapes(root or DEFAULT_ROOTS[name], split, crop, seed)
     if name == "coco":

@@ -97,7 +97,8 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
 def val_dataset(cfg, split="val", limit=None, data_root=None):
     """The split of the dataset a checkpoint was trained on (its saved settings), and the
     dataset object itself (for its classes and palette)."""
-    full = get_dataset(cfg["dataset"], split, data_root or cfg.get("data_root"), None, cfg.get("seed", 0))
+    full = get_dataset(cfg["dataset"], split, data_root or cfg.get("data_root"), None, cfg.get("seed", 0),
+                       cfg.get("size"))
     ds = torch.utils.data.Subset(full, range(min(limit, len(full)))) if limit else full
     return ds, full
 

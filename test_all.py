@@ -298,12 +298,13 @@ def test_synthetic_deterministic_and_complete():
 @pytest.mark.parametrize("decoder", ["jd", "ahuja", "none"])
 def test_train_runs(decoder, tmp_path):
     """A few iterations of train.py per decoder end with a real-bitstream evaluation and a
-    checkpoint that rebuilds the model."""
-    out = run_train(*QUICK, "--decoder", decoder, "--out-dir", str(tmp_path)).stdout
+    checkpoint that rebuilds the model, and the synthetic scenes at the run's --size."""
+    out = run_train(*QUICK, "--decoder", decoder, "--size", "64", "96", "--out-dir", str(tmp_path)).stdout
     assert "final val (4 images): mIoU" in out
     assert ("bpp (real bytes)" in out) == (decoder != "none")
     model, ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter_num"] == 4 and model.decoder == decoder
+    assert val_dataset(ckpt["args"], limit=1)[0][0][0].shape == (3, 64, 96)
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):

@@ -40,6 +40,7 @@ p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDes
 p.add_argument("--dataset", default=None, choices=["synthetic", "cityscapes", "coco"], help="data and paper preset (default synthetic)")
 p.add_argument("--data-root", default=None, help="dataset folder (real datasets)")
 p.add_argument("--crop", type=int, default=None, help="random square training crop of the real datasets, 0 = whole image (synthetic scenes are not cropped)")
+p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="synthetic scene size (default 128 256); the real datasets use --crop")
 p.add_argument("--val-limit", type=int, default=None, help="validate on the first N val images only (quick checks)")
 # model
 p.add_argument("--decoder", default=None, choices=["jd", "ahuja", "none"], help="cloud: ours, Ahuja et al., no compression")
@@ -72,14 +73,14 @@ p.add_argument("--print-config", action="store_true", help="print the resolved s
 
 COMMON = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", encoder_weights=None,
               clip=1.0, out_dir="out", seed=0, resume=None, device=None, amp=False, compile=False,
-              log_interval=20, num_workers=0, epochs=None)
+              log_interval=20, num_workers=0, epochs=None, size=None)
 PAPER = dict(encoder="resnet50", dilations=[5, 10, 15], alpha=0.9, num_workers=4, log_interval=50)
 PRESETS = {
     # built-in data, sized for a laptop CPU: light encoder, narrow ASPP; dilations (1, 2, 3)
     # because on an 8x16 latent the paper's (5, 10, 15) would mostly see padding
     "synthetic": dict(encoder="resnet18-l2", K=3, F=64, dilations=[1, 2, 3], head="torchvision",
                       alpha=0.6, max_iters=700, batch_size=8, lr=2e-3, lr_aux=1e-3, crop=0,
-                      eval_interval=350),
+                      eval_interval=350, size=[128, 256]),
     # Suppl. Table 3 and Sec. 4.2; K as in Fig. 5. The paper sweeps alpha (Fig. 5) without
     # listing the values: 0.9 is our default, choose yours with --alpha.
     "cityscapes": dict(PAPER, K=3, F=512, head="mmseg", max_iters=80_000, batch_size=8, lr=1e-3,
@@ -97,7 +98,7 @@ if "resume" in cli:  # settings come from the checkpoint; the model's may not ch
     if ckpt["args"].get("deployed"):
         sys.exit(f"{cli['resume']} is a deployed (fused) checkpoint for inference; resume from the training one")
     differ = [f"--{k.replace('_', '-')} {cli[k]} (checkpoint: {ckpt['args'][k]})"
-              for k in MODEL_KEYS + ("dataset",) if k in cli and cli[k] != ckpt["args"][k]]
+              for k in MODEL_KEYS + ("dataset", "size") if k in cli and cli[k] != ckpt["args"].get(k)]
     if differ:
         sys.exit(f"cannot resume {cli['resume']}: it was trained with other settings: {'; '.join(differ)}")
     config = {**ckpt["args"], **cli}
@@ -105,6 +106,8 @@ else:
     dataset = cli.get("dataset", COMMON["dataset"])
     config = {**COMMON, **PRESETS[dataset], **cli}
 args = argparse.Namespace(**config)
+if args.dataset != "synthetic" and "size" in cli:
+    sys.exit("--size sets the synthetic scenes' size; the real datasets take --crop")
 args.num_classes = len(CLASSES[args.dataset])
 if print_config:
     print(json.dumps(vars(args), indent=2))
@@ -137,8 +140,8 @@ if batch < 2:
 # -----------------------------------------------------------------------------
 # data
 
-train_ds = get_dataset(args.dataset, "train", args.data_root, args.crop, args.seed)
-val_ds = get_dataset(args.dataset, "val", args.data_root, None, args.seed)
+train_ds = get_dataset(args.dataset, "train", args.data_root, args.crop, args.seed, args.size)
+val_ds = get_dataset(args.dataset, "val", args.data_root, None, args.seed, args.size)
 if args.val_limit:
     val_ds = torch.utils.data.Subset(val_ds, range(min(args.val_limit, len(val_ds))))
 if args.epochs and "max_iters" not in cli:  # COCO's recipe counts epochs
