@@ -13,6 +13,7 @@ RD curves against the baselines and JPEG, pictures, the cloud benchmark, and com
 import argparse
 import io
 import json
+import math
 import os
 import re
 import resource
@@ -211,6 +212,53 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, qualities=
                 rows.append({"checkpoint": path, "dataset": cfg["dataset"], **row})
                 print(f"  JPEG q={row['quality']}: mIoU {row['miou']:.4f}, bpp {row['bpp_real']:.4f}")
     return rows
+
+
+def miou_at(points, bpp):
+    """mIoU of an RD curve (sorted (bpp, mIoU) points) at `bpp`, linear in log(bpp) between
+    its neighbours as on the log axis of Fig. 5; None outside the curve's rate range."""
+    for (b0, m0), (b1, m1) in zip(points, points[1:]):
+        if b0 <= bpp <= b1:
+            t = 0.0 if b1 == b0 else math.log(bpp / b0) / math.log(b1 / b0)
+            return m0 + t * (m1 - m0)
+    return points[0][1] if len(points) == 1 and points[0][0] == bpp else None
+
+
+def rd_compare(rows):
+    """The two RD claims as numbers, from rd_points' rows:
+    - each JD point against Ahuja's curve at the same real bpp (and each Ahuja point against
+      JD's): difference in mIoU, None where the rate is outside the other curve's range;
+    - each JPEG point against the best feature-coding point (JD or Ahuja) that needs no more
+      bits: a positive margin means feature coding is better at that rate."""
+    curves = {m: sorted((r["bpp_real"], r["miou"]) for r in rows if r["method"] == m) for m in ("jd", "ahuja", "jpeg")}
+    out = {"jd_vs_ahuja": [], "feature_vs_jpeg": []}
+    for m, other in (("jd", "ahuja"), ("ahuja", "jd")):
+        for bpp, miou in curves[m]:
+            ref = miou_at(curves[other], bpp) if curves[other] else None
+            out["jd_vs_ahuja"].append({"at": m, "bpp": bpp, "jd": miou if m == "jd" else ref,
+                                       "ahuja": miou if m == "ahuja" else ref})
+    feature = curves["jd"] + curves["ahuja"]
+    for bpp, miou in curves["jpeg"]:
+        best = max((mf for bf, mf in feature if bf <= bpp), default=None)
+        out["feature_vs_jpeg"].append({"bpp": bpp, "jpeg": miou, "feature": best,
+                                       "margin": None if best is None else best - miou})
+    return out
+
+
+def print_rd_compare(c):
+    print("JD vs Ahuja at equal real bpp (the other curve interpolated on log bpp):")
+    for r in c["jd_vs_ahuja"]:
+        if r["jd"] is None or r["ahuja"] is None:
+            print(f"  {r['at']:5s} point at {r['bpp']:.4f} bpp: outside the other curve's rates")
+        else:
+            print(f"  {r['at']:5s} point at {r['bpp']:.4f} bpp: JD {r['jd']:.4f}, Ahuja {r['ahuja']:.4f}, "
+                  f"JD - Ahuja {100 * (r['jd'] - r['ahuja']):+.1f} points")
+    if c["feature_vs_jpeg"]:
+        print("JPEG vs the best feature coding (JD or Ahuja) at no more bits:")
+    for r in c["feature_vs_jpeg"]:
+        best = "none at that rate" if r["feature"] is None else \
+            f"feature {r['feature']:.4f}, margin {100 * r['margin']:+.1f} points"
+        print(f"  JPEG {r['bpp']:.4f} bpp: mIoU {r['jpeg']:.4f}; {best}")
 
 
 def plot_rd(rows, path, title=""):
@@ -459,6 +507,7 @@ def main(args):
         print_benchmark(out)
     elif args.rd:
         out = rd_points(args.rd, args.device, args.split, args.limit, args.data_root, args.jpeg_qualities)
+        print_rd_compare(rd_compare(out))
         if args.csv:
             keys = ["checkpoint", "dataset", "method", "alpha", "K", "quality", "bpp_real", "bpp_est", "miou"]
             with open(args.csv, "w") as f:

@@ -22,7 +22,7 @@ from PIL import Image
 from data import SYNTHETIC_CLASSES, SyntheticStreets, denormalize, get_dataset
 from entropy import HyperpriorCoder, bits_per_pixel, split_parameters
 from evaluate import (benchmark_cloud, complexity, confusion_matrix, from_bitstreams, get_args_parser,
-                      iou, jpeg_rd, save_bitstreams, val_dataset)
+                      iou, jpeg_rd, rd_compare, save_bitstreams, val_dataset)
 from evaluate import main as evaluate_main
 from model import (HD, PAPER_NETWORKS, SE, DistributedSegmenter, load_checkpoint, load_encoder_weights,
                    save_checkpoint)
@@ -508,6 +508,23 @@ def test_jpeg_bpp_from_file_bytes(ckpts):
         Image.fromarray(denormalize(ds[i][0])).save(buf, "JPEG", quality=30)
         nbytes += len(buf.getvalue())
     assert row["bpp_real"] == 8 * nbytes / (2 * 128 * 256) and 0 <= row["miou"] <= 1
+
+
+def test_rd_compare():
+    """JD vs Ahuja at equal bpp interpolates the other curve on log bpp (None outside its
+    rates); a JPEG point is compared with the best feature-coding point at no more bits."""
+    rows = [dict(method="jd", bpp_real=0.05, miou=0.60), dict(method="jd", bpp_real=0.10, miou=0.70),
+            dict(method="ahuja", bpp_real=0.2, miou=0.72), dict(method="ahuja", bpp_real=0.04, miou=0.62),
+            dict(method="none", bpp_real=None, miou=0.8),
+            dict(method="jpeg", bpp_real=0.3, miou=0.5), dict(method="jpeg", bpp_real=0.03, miou=0.4)]
+    c = rd_compare(rows)
+    at = {(r["at"], r["bpp"]): r for r in c["jd_vs_ahuja"]}
+    t = np.log(0.05 / 0.04) / np.log(0.2 / 0.04)
+    assert at["jd", 0.05]["ahuja"] == pytest.approx(0.62 + t * 0.10) and at["jd", 0.05]["jd"] == 0.60
+    assert at["ahuja", 0.04]["jd"] is None and at["ahuja", 0.2]["jd"] is None
+    jpeg = {r["bpp"]: r for r in c["feature_vs_jpeg"]}
+    assert jpeg[0.3]["feature"] == 0.72 and jpeg[0.3]["margin"] == pytest.approx(0.22)
+    assert jpeg[0.03]["feature"] is None
 
 
 def test_rd_csv_and_plot(ckpts, tmp_path):
