@@ -332,6 +332,8 @@ def test_resume_refuses_other_model_settings(tmp_path):
     run_train(*QUICK, "--max-iters", "2", "--out-dir", str(tmp_path))
     proc = run_train("--resume", str(tmp_path / "ckpt.pt"), "--K", "3", check=False)
     assert proc.returncode != 0 and "--K 3 (checkpoint: 1)" in proc.stdout
+    proc = run_train("--resume", str(tmp_path / "ckpt.pt"), "--size", "64", "64", check=False)
+    assert proc.returncode != 0 and "--size [64, 64] (checkpoint: [128, 256])" in proc.stdout
 
 
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
@@ -341,6 +343,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     path = str(tmp_path / "ckpt.pt")
     ckpt = torch.load(path)
     ckpt["args"]["max_iters"] = 6
+    del ckpt["args"]["size"]  # as saved before --size existed: the default size is used
     ckpt["model"]["JD.classifier.weight"][0, 0] = float("nan")
     save_checkpoint(ckpt, path)
     before = open(path, "rb").read()

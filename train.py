@@ -97,11 +97,11 @@ if "resume" in cli:  # settings come from the checkpoint; the model's may not ch
     ckpt = torch.load(cli["resume"], map_location="cpu")
     if ckpt["args"].get("deployed"):
         sys.exit(f"{cli['resume']} is a deployed (fused) checkpoint for inference; resume from the training one")
-    differ = [f"--{k.replace('_', '-')} {cli[k]} (checkpoint: {ckpt['args'][k]})"
+    differ = [f"--{k.replace('_', '-')} {cli[k]} (checkpoint: {ckpt['args'].get(k)})"
               for k in MODEL_KEYS + ("dataset", "size") if k in cli and cli[k] != ckpt["args"].get(k)]
     if differ:
         sys.exit(f"cannot resume {cli['resume']}: it was trained with other settings: {'; '.join(differ)}")
-    config = {**ckpt["args"], **cli}
+    config = {**COMMON, **ckpt["args"], **cli}  # COMMON: settings added since it was saved
 else:
     dataset = cli.get("dataset", COMMON["dataset"])
     config = {**COMMON, **PRESETS[dataset], **cli}
