@@ -5,7 +5,8 @@ RD curves against the baselines and JPEG, pictures, the cloud benchmark, and com
     python evaluate.py --ckpt out/ckpt.pt [--json m.json]     # mIoU, per-class IoU, bpp
     python evaluate.py --ckpt out/ckpt.pt --save-bitstreams bits/   # the edge: one file per image
     python evaluate.py --ckpt out/ckpt.pt --from-bitstreams bits/   # the cloud: masks from files
-    python evaluate.py --rd runs/*/ckpt.pt --plot rd.png --csv rd.csv   # Fig. 5, with JPEG
+    python evaluate.py --rd runs/*/ckpt.pt --plot rd.png --csv rd.csv   # Fig. 5, with JPEG;
+                                                   # prints JD vs Ahuja at equal bpp, JPEG vs both
     python evaluate.py --ckpt out/ckpt.pt --save-vis vis/ 8   # image | ground truth | prediction
     python evaluate.py --benchmark cloud --dataset cityscapes # JD vs Ahuja SD+D, time per image
     python evaluate.py --complexity --dataset cityscapes      # Tables 2 and 4, counted
@@ -94,6 +95,7 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
     return {"miou": miou, "iou": per_class, "n_images": int(stats[3]),
             "bpp_real": (stats[0] / stats[2]).item() if compressed and real_bits else None,
             "bpp_est": (stats[1] / stats[2]).item() if compressed else None}
+
 
 def val_dataset(cfg, split="val", limit=None, data_root=None):
     """The split of the dataset a checkpoint was trained on (its saved settings), and the

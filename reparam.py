@@ -81,7 +81,7 @@ def main():
     p.add_argument("--n-images", type=int, default=4, help="val images to compare the logits on")
     args = p.parse_args()
 
-    from data import get_dataset  # only the CLI needs data
+    from evaluate import val_dataset  # only the CLI needs data (evaluate.py imports this file)
     model, ckpt = load_checkpoint(args.ckpt)
     deployed = reparameterize(model)
 
@@ -89,8 +89,8 @@ def main():
         return sum(p.numel() for mod in (m.hyperprior, m.JD) for p in mod.parameters())
 
     cfg = ckpt["args"]
-    val = get_dataset(cfg["dataset"], "val", cfg.get("data_root"), None, cfg.get("seed", 0))
-    x = torch.stack([val[i][0] for i in range(min(args.n_images, len(val)))])
+    val, _ = val_dataset(cfg, limit=args.n_images)  # the images the checkpoint was trained on
+    x = torch.stack([val[i][0] for i in range(len(val))])
     with torch.no_grad():
         diff = (model(x)["logits"] - deployed(x)["logits"]).abs().max().item()
     print(f"{'':24s} {'training time (K=' + str(cfg['K']) + ')':>22s} {'deployed':>12s}")
