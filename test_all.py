@@ -336,6 +336,28 @@ def test_resume_refuses_other_model_settings(tmp_path):
     assert proc.returncode != 0 and "--size [64, 64] (checkpoint: [128, 256])" in proc.stdout
 
 
+def test_edge_from_trains_only_the_cloud(ckpts, tmp_path):
+    """--edge-from: a new cloud decoder learns on another checkpoint's frozen edge. The edge's
+    tensors are unchanged, its bitstreams byte-identical and decodable by the new decoder, only
+    the decoder's parameters are optimized, and the rate point (alpha) is the source's. A No
+    Compression source is refused."""
+    run_train(*QUICK, "--max-iters", "2", "--size", "64", "96", "--edge-from", ckpts["ahuja"],
+              "--out-dir", str(tmp_path))
+    src, _ = load_checkpoint(ckpts["ahuja"])
+    new, ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
+    assert new.decoder == "jd" and ckpt["args"]["alpha"] == 0.5 and ckpt["aux_optimizer"] is None
+    for name in ("E", "SE", "hyperprior"):
+        a, b = getattr(src, name).state_dict(), getattr(new, name).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    assert len(ckpt["optimizer"]["state"]) == sum(1 for _ in new.JD.parameters())
+    x = SyntheticStreets("val", size=(64, 96))[0][0][None]
+    strings = src.compress(x)
+    assert new.compress(x) == strings
+    assert new.decompress(strings).shape == (1, len(SYNTHETIC_CLASSES), 64, 96)
+    proc = run_train(*QUICK, "--edge-from", ckpts["none"], "--out-dir", str(tmp_path / "n"), check=False)
+    assert proc.returncode != 0 and "has no edge codec" in proc.stdout
+
+
 def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     """A NaN in the weights makes the loss non-finite: training stops with a message and the
     last good checkpoint is left byte for byte as it was."""

@@ -8,6 +8,7 @@ then evaluate it on the val set through real bitstreams.
     python train.py --decoder ahuja                   # Ahuja et al.'s SD + D baseline
     python train.py --decoder none                    # No Compression DeepLabv3 (CE only)
     python train.py --resume out/ckpt.pt              # continue exactly where it stopped
+    python train.py --decoder ahuja --edge-from out/ckpt.pt   # another decoder, same frozen edge
     torchrun --standalone --nproc_per_node 2 train.py --max-iters 20   # DDP (gloo on CPU, nccl on GPUs)
 
 A dataset preset (--dataset) fills in only the settings you did not give.
@@ -50,6 +51,7 @@ p.add_argument("--F", type=int, default=None, help="ASPP width (JD and D)")
 p.add_argument("--dilations", type=int, nargs=3, default=None, help="JD's ASPP dilations")
 p.add_argument("--head", default=None, choices=["torchvision", "mmseg"], help="DeepLabv3 head D of the baselines")
 p.add_argument("--encoder-weights", default=None, help="local torchvision ResNet or DeepLabv3 state dict for E")
+p.add_argument("--edge-from", default=None, help="train only the cloud decoder, on the frozen edge (E, SE, entropy models, HD) of this jd/ahuja checkpoint: the same bitstreams, another decoder")
 # rate
 p.add_argument("--alpha", type=float, default=None, help="RD trade-off of Eq. (3); higher = more bits")
 # optim
@@ -73,7 +75,7 @@ p.add_argument("--print-config", action="store_true", help="print the resolved s
 
 COMMON = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", encoder_weights=None,
               clip=1.0, out_dir="out", seed=0, resume=None, device=None, amp=False, compile=False,
-              log_interval=20, num_workers=0, epochs=None, size=None)
+              log_interval=20, num_workers=0, epochs=None, size=None, edge_from=None)
 PAPER = dict(encoder="resnet50", dilations=[5, 10, 15], alpha=0.9, num_workers=4, log_interval=50)
 PRESETS = {
     # built-in data, sized for a laptop CPU: light encoder, narrow ASPP; dilations (1, 2, 3)
@@ -106,6 +108,12 @@ else:
     dataset = cli.get("dataset", COMMON["dataset"])
     config = {**COMMON, **PRESETS[dataset], **cli}
 args = argparse.Namespace(**config)
+if "resume" in cli and "edge_from" in cli:
+    sys.exit("--edge-from starts a run; --resume continues one with the edge setting it was started with")
+if args.edge_from and args.decoder == "none":
+    sys.exit("--edge-from trains a decoder of bitstreams: use it with --decoder jd or ahuja")
+if args.edge_from and (args.encoder_weights or "alpha" in cli):
+    sys.exit("--edge-from brings the whole edge and its rate point: drop --encoder-weights and --alpha")
 if args.dataset != "synthetic" and "size" in cli:
     sys.exit("--size sets the synthetic scenes' size; the real datasets take --crop")
 args.num_classes = len(CLASSES[args.dataset])
@@ -175,6 +183,27 @@ if args.encoder_weights and not args.resume:
     ignored = load_encoder_weights(model.E, args.encoder_weights)
     if master:
         print(f"E initialized from {args.encoder_weights}; keys not used: {', '.join(ignored) or 'none'}")
+EDGE = ("E", "SE", "hyperprior")  # what makes the bitstreams (HD too: both ends need it)
+edge = [getattr(model, name) for name in EDGE] if args.edge_from else []
+if args.edge_from and not args.resume:
+    if not os.path.isfile(args.edge_from):
+        sys.exit(f"--edge-from: no checkpoint at {args.edge_from}")
+    src = torch.load(args.edge_from, map_location="cpu")
+    if src["args"]["decoder"] == "none":
+        sys.exit(f"--edge-from {args.edge_from}: a No Compression checkpoint has no edge codec")
+    differ = [f"{k} {src['args'].get(k)} (this run: {getattr(args, k)})"
+              for k in ("dataset", "encoder") if src["args"].get(k) != getattr(args, k)]
+    if differ:
+        sys.exit(f"--edge-from {args.edge_from} was trained with other settings: {'; '.join(differ)}")
+    unexpected = model.load_state_dict({k: v for k, v in src["model"].items() if k.split(".")[0] in EDGE},
+                                       strict=False).unexpected_keys
+    assert not unexpected, unexpected
+    args.alpha = src["args"]["alpha"]  # the rate point is the source's; RD tables list its alpha
+    del src
+    if master:
+        print(f"edge (E, SE, entropy models) from {args.edge_from}, frozen: only the cloud decoder trains")
+for m in edge:
+    m.requires_grad_(False)
 model = model.to(device)
 if ddp and device_type == "cuda":  # BN statistics over all GPUs' images, not 2 per GPU
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -183,13 +212,14 @@ if compress:
     main_params, aux_params = split_parameters(model)  # aux = EntropyBottleneck.quantiles
 else:
     main_params, aux_params = list(model.parameters()), []
+main_params, aux_params = [[p for p in ps if p.requires_grad] for ps in (main_params, aux_params)]
 optimizer = torch.optim.Adam(main_params, lr=args.lr, betas=(0.9, 0.99), weight_decay=0)
-aux_optimizer = torch.optim.Adam(aux_params, lr=args.lr_aux, betas=(0.9, 0.99), weight_decay=0) if compress else None
+aux_optimizer = torch.optim.Adam(aux_params, lr=args.lr_aux, betas=(0.9, 0.99), weight_decay=0) if aux_params else None
 iter_num = 0
 if args.resume:
     model.load_state_dict(ckpt["model"])
     optimizer.load_state_dict(ckpt["optimizer"])
-    if compress:
+    if aux_optimizer:
         aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
     iter_num = ckpt["iter_num"]
     del ckpt
@@ -209,7 +239,7 @@ def get_lr(lr0, it):
 
 def checkpoint():
     save_checkpoint({"model": raw_model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "aux_optimizer": aux_optimizer.state_dict() if compress else None,
+                     "aux_optimizer": aux_optimizer.state_dict() if aux_optimizer else None,
                      "iter_num": iter_num, "args": vars(args)}, os.path.join(args.out_dir, "ckpt.pt"))
 
 
@@ -227,9 +257,11 @@ batches = iter(loader)
 t0 = time.time()
 while iter_num < args.max_iters:
     model.train()
+    for m in edge:  # a frozen edge keeps its BN statistics and codes by rounding, as deployed
+        m.eval()
     for group in optimizer.param_groups:
         group["lr"] = get_lr(args.lr, iter_num)
-    if compress:
+    if aux_optimizer:
         for group in aux_optimizer.param_groups:
             group["lr"] = get_lr(args.lr_aux, iter_num)
     x, y = next(batches)
@@ -242,7 +274,8 @@ while iter_num < args.max_iters:
     ce = F.cross_entropy(out["logits"].float(), y, ignore_index=255)  # Eq. (2)
     if compress:
         bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * x.shape[2] * x.shape[3])  # Eq. (1)
-        loss = args.alpha * ce + (1 - args.alpha) * bpp  # Eq. (3)
+        # Eq. (3); on a frozen edge the rate is fixed and J reduces to the cross-entropy
+        loss = ce if args.edge_from else args.alpha * ce + (1 - args.alpha) * bpp
     else:
         bpp, loss = torch.zeros(()), ce
     finite = torch.isfinite(loss.detach()).float()
@@ -259,7 +292,7 @@ while iter_num < args.max_iters:
     loss.backward()
     torch.nn.utils.clip_grad_norm_(main_params, args.clip)
     optimizer.step()
-    if compress:  # the aux loss fits the quantiles of h's factorized prior (CompressAI)
+    if aux_optimizer:  # the aux loss fits the quantiles of h's factorized prior (CompressAI)
         aux_optimizer.zero_grad(set_to_none=True)
         aux_loss = raw_model.hyperprior.aux_loss()
         aux_loss.backward()
