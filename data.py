@@ -8,6 +8,7 @@ and (H, W) int64 labels with 255 = ignore.
 
     ds = get_dataset("cityscapes", "train", "data/cityscapes", crop=769)
     x, y = ds[0]          # or ds[(index, epoch)]: the random augmentation depends on both
+    preset("cityscapes")  # Suppl. Table 3's settings for that dataset (PRESETS, at the end)
 
 Training transforms (paper Sec. 4.2, as MMSegmentation / torchvision's references): random
 rescale of the shorter side to 0.5-2.0 x the dataset's base size (Cityscapes 1024, COCO 513),
@@ -380,6 +381,40 @@ class COCOVOC(torch.utils.data.Dataset):
 
 
 # -----------------------------------------------------------------------------
+# the presets: every setting that depends on the dataset, in one table. The synthetic column
+# is the CPU demo's; cityscapes and coco are Suppl. Table 3 and Sec. 4.2 (K as in Fig. 5).
+# train.py fills in only the flags you did not give; evaluate.py builds the same networks.
+
+DATASETS = ("synthetic", "cityscapes", "coco")
+PRESETS = {  # setting: (synthetic, cityscapes, coco)
+    "encoder": ("resnet18-l2", "resnet50", "resnet50"),  # E (model.py)
+    "K": (3, 3, 1),  # over-parameterization repetitions (Fig. 4)
+    "F": (64, 512, 256),  # ASPP width of JD and D
+    # JD's ASPP dilations: on the demo's 8x16 latent, (5, 10, 15) would mostly see padding
+    "dilations": ([1, 2, 3], [5, 10, 15], [5, 10, 15]),
+    "head": ("torchvision", "mmseg", "torchvision"),  # the baselines' DeepLabv3 head D (model.py)
+    "alpha": (0.6, 0.9, 0.9),  # the paper sweeps alpha without listing its values
+    "max_iters": (700, 80_000, None),
+    "epochs": (None, None, 42),  # COCO's recipe counts epochs
+    "batch_size": (8, 8, 16),
+    "lr": (2e-3, 1e-3, 1e-2),
+    "lr_aux": (1e-3, 1e-3, 1e-3),
+    "crop": (0, 769, 513),  # random square training crop; the synthetic scenes are not cropped
+    "size": ([128, 256], None, None),  # synthetic scene size (H, W)
+    "eval_interval": (350, 8000, 5000),
+    "num_workers": (0, 4, 4),
+    "log_interval": (20, 50, 50),
+    "out_dir": ("out/synthetic", "out/cityscapes", "out/coco"),
+}
+
+
+def preset(dataset):
+    """The preset column of `dataset` as a dict, with its number of classes S."""
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose from {', '.join(DATASETS)}")
+    column = DATASETS.index(dataset)
+    return {"num_classes": len(CLASSES[dataset]), **{k: v[column] for k, v in PRESETS.items()}}
+
 
 CLASSES = {"synthetic": SYNTHETIC_CLASSES, "cityscapes": Cityscapes.classes, "coco": VOC_CLASSES}
 DEFAULT_ROOTS = {"cityscapes": "data/cityscapes", "coco": "data/coco"}
@@ -395,4 +430,13 @@ def get_dataset(name, split, root=None, crop=None, seed=0, size=None):
         return Cityscapes(root or DEFAULT_ROOTS[name], split, crop, seed)
     if name == "coco":
         return COCOVOC(root or DEFAULT_ROOTS[name], split, crop, seed)
-    raise ValueError(f"unknown dataset {name!r}; choose from {sorted(CLASSES)}")
+    raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
+
+
+def val_dataset(cfg, split="val", limit=None, data_root=None):
+    """The split of the dataset a checkpoint was trained on (from its saved settings), its
+    first `limit` images if given, and the full dataset object (for its classes and palette)."""
+    full = get_dataset(cfg["dataset"], split, data_root or cfg.get("data_root"), None, cfg.get("seed", 0),
+                       cfg.get("size"))
+    ds = torch.utils.data.Subset(full, range(min(limit, len(full)))) if limit else full
+    return ds, full

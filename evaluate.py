@@ -2,14 +2,14 @@
 Evaluation of the distributed segmenters: mIoU and real bits, the edge/cloud split on files,
 RD curves against the baselines and JPEG, pictures, the cloud benchmark, and complexity.
 
-    python evaluate.py --ckpt out/ckpt.pt [--json m.json]     # mIoU, per-class IoU, bpp
-    python evaluate.py --ckpt out/ckpt.pt --save-bitstreams bits/   # the edge: one file per image
-    python evaluate.py --ckpt out/ckpt.pt --from-bitstreams bits/   # the cloud: masks from files
-    python evaluate.py --rd runs/*/ckpt.pt --plot rd.png --csv rd.csv   # Fig. 5, with JPEG;
-                                                   # prints JD vs Ahuja at equal bpp, JPEG vs both
-    python evaluate.py --ckpt out/ckpt.pt --save-vis vis/ 8   # image | ground truth | prediction
-    python evaluate.py --benchmark cloud --dataset cityscapes # JD vs Ahuja SD+D, time per image
-    python evaluate.py --complexity --dataset cityscapes      # Tables 2 and 4, counted
+    python evaluate.py --ckpt out/synthetic/ckpt.pt [--json m.json]   # mIoU, per-class IoU, bpp
+    python evaluate.py --ckpt out/synthetic/ckpt.pt --save-bitstreams bits/  # the edge: a file per image
+    python evaluate.py --ckpt out/synthetic/ckpt.pt --from-bitstreams bits/  # the cloud: masks from files
+    python evaluate.py --ckpt out/synthetic/ckpt.pt --save-vis vis/   # image | ground truth | prediction
+    python evaluate.py --rd runs/*/ckpt.pt --plot rd.png --csv rd.csv  # Fig. 5 with JPEG; prints JD vs
+                                                                       # Ahuja at equal bpp, JPEG vs both
+    python evaluate.py --benchmark cloud --dataset cityscapes  # JD vs Ahuja SD+D, time per image
+    python evaluate.py --complexity --dataset cityscapes       # Tables 2 and 4, counted
 """
 import argparse
 import io
@@ -23,11 +23,12 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch.utils.flop_counter import FlopCounterMode
 
-from data import colorize, denormalize, get_dataset, normalize
-from model import PAPER_NETWORKS, DistributedSegmenter, load_checkpoint
+from data import DATASETS, colorize, denormalize, normalize, preset, val_dataset
+from entropy import bits_per_pixel
+from model import build_model, load_checkpoint
 from reparam import reparameterize
 
 # -----------------------------------------------------------------------------
@@ -59,31 +60,29 @@ def num_classes(model):
 def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world_size=1):
     """mIoU over `dataset`, and bits per pixel: from the real byte strings (the whole
     container, header included) and from the likelihoods, Eq. (1). With real_bits, the
-    masks come from the cloud decoding the edge's bytes. Each rank evaluates every
-    world_size-th image; the counts are summed across ranks, so none is counted twice."""
+    masks come from the cloud decoding the edge's bytes (model.compress, model.decompress);
+    without, from the eval-mode forward. Each rank evaluates every world_size-th image; the
+    counts are summed across ranks, so none is counted twice."""
     model.eval()
     S = num_classes(model)
+    compressed = model.decoder != "none"
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
     cm = torch.zeros(S, S, dtype=torch.int64)
     stats = torch.zeros(4, dtype=torch.float64)  # real bits, estimated bits, pixels, images
     for x, y in loader:
         x, y = x.to(device), y.to(device)
-        if model.decoder == "none":
-            logits = model(x)["logits"]
-        else:
-            # the edge, spelled out (not model(x) then model.compress(x)) so that E runs once
-            r, h = model.SE(model.E(x))
-            r_hat, likelihoods = model.hyperprior(r, h)
-            stats[1] += sum(-torch.log2(p).sum() for p in likelihoods.values()).item()
-            if real_bits:
-                strings = model.hyperprior.compress(r, h, tuple(x.shape[-2:]))
-                stats[0] += 8 * sum(len(s) for s in strings)
-                logits = model.decompress(strings)  # the cloud, from bytes only
-            else:
-                logits = model.cloud_head(r_hat, x.shape[-2:])
+        pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
+        out = model(x)  # eval mode: rounded latents, the likelihoods of Eq. (1)
+        logits = out["logits"]
+        if compressed:
+            stats[1] += bits_per_pixel(out["likelihoods"], pixels).item() * pixels
+        if compressed and real_bits:
+            strings = model.compress(x)  # the edge
+            stats[0] += 8 * sum(len(s) for s in strings)
+            logits = model.decompress(strings)  # the cloud, from the bytes alone
         cm += confusion_matrix(logits.argmax(1), y, S)
-        stats[2] += x.shape[0] * x.shape[-2] * x.shape[-1]
+        stats[2] += pixels
         stats[3] += x.shape[0]
     if world_size > 1:
         cm, stats = cm.to(device), stats.to(device)
@@ -91,19 +90,9 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
         dist.all_reduce(stats)
         cm, stats = cm.cpu(), stats.cpu()
     miou, per_class = iou(cm)
-    compressed = model.decoder != "none"
     return {"miou": miou, "iou": per_class, "n_images": int(stats[3]),
             "bpp_real": (stats[0] / stats[2]).item() if compressed and real_bits else None,
             "bpp_est": (stats[1] / stats[2]).item() if compressed else None}
-
-
-def val_dataset(cfg, split="val", limit=None, data_root=None):
-    """The split of the dataset a checkpoint was trained on (its saved settings), and the
-    dataset object itself (for its classes and palette)."""
-    full = get_dataset(cfg["dataset"], split, data_root or cfg.get("data_root"), None, cfg.get("seed", 0),
-                       cfg.get("size"))
-    ds = torch.utils.data.Subset(full, range(min(limit, len(full)))) if limit else full
-    return ds, full
 
 
 # -----------------------------------------------------------------------------
@@ -293,24 +282,48 @@ def plot_rd(rows, path, title=""):
 # pictures (Fig. 6)
 
 
+def label_picture(panels, titles, classes, palette):
+    """Panels side by side under their titles, with a colour legend of the classes below."""
+    H, W = panels[0].shape[:2]
+    font = ImageFont.load_default()
+    entries = [(name, tuple(colour)) for name, colour in zip(classes, palette)]
+    entries.append(("ignore (255)", tuple(int(c) for c in colorize([[255]], palette)[0, 0])))
+    legend, x, y = [], 4, 4  # (x, y, name, colour) in the legend strip, wrapped to the width
+    for name, colour in entries:
+        w = 16 + int(font.getlength(name)) + 10
+        if x + w > len(panels) * W and x > 4:
+            x, y = 4, y + 14
+        legend.append((x, y, name, colour))
+        x += w
+    picture = Image.new("RGB", (len(panels) * W, 16 + H + y + 18), "white")
+    draw = ImageDraw.Draw(picture)
+    for k, (panel, title) in enumerate(zip(panels, titles)):
+        picture.paste(Image.fromarray(panel), (k * W, 16))
+        draw.text((k * W + 3, 2), title, fill="black", font=font)
+    for x, y, name, colour in legend:
+        draw.rectangle([x, 16 + H + y, x + 10, 16 + H + y + 10], fill=colour, outline="black")
+        draw.text((x + 14, 16 + H + y), name, fill="black", font=font)
+    return picture
+
+
 @torch.no_grad()
-def save_vis(model, dataset, palette, out_dir, n, device):
-    """n PNGs of image | ground truth | prediction (decoded from the bitstream), the
-    image's bpp in the file name."""
+def save_vis(model, dataset, classes, palette, out_dir, n, device):
+    """n PNGs of image | ground truth | prediction (decoded from the bitstream) with titles
+    and a colour legend; the image's bpp (real bytes) in the title and the file name."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for i in range(min(n, len(dataset))):
         x, y = dataset[i]
         if model.decoder == "none":
-            logits, tag = model(x[None].to(device))["logits"], "nocompression"
+            logits, tag, title = model(x[None].to(device))["logits"], "nocompression", "prediction (no compression)"
         else:
             strings = model.compress(x[None].to(device))
-            logits, tag = model.decompress(strings), f"{8 * len(strings[0]) / y.numel():.4f}bpp"
+            bpp = 8 * len(strings[0]) / y.numel()
+            logits, tag, title = model.decompress(strings), f"{bpp:.4f}bpp", f"prediction from {bpp:.3f} bpp"
         pred = logits.argmax(1)[0].cpu().numpy()
-        picture = np.concatenate([denormalize(x), colorize(y.numpy().clip(0, 255), palette),
-                                  colorize(pred, palette)], axis=1)
+        panels = [denormalize(x), colorize(y.numpy().clip(0, 255), palette), colorize(pred, palette)]
         paths.append(os.path.join(out_dir, f"{i:03d}_{tag}.png"))
-        Image.fromarray(picture).save(paths[-1])
+        label_picture(panels, ["image", "ground truth", title], classes, palette).save(paths[-1])
     return paths
 
 
@@ -329,15 +342,15 @@ def benchmark_cloud(dataset="cityscapes", size=None, batch=1, repeat=3, device="
     """Seconds per image of the cloud of JD (deployed, fused) and of Ahuja et al.'s SD + D at a
     preset's networks and resolution, with random weights: both decode the same bytes (JD's
     entropy models are copied into the Ahuja model), so the networks make the difference."""
-    cfg = PAPER_NETWORKS[dataset]
+    cfg = preset(dataset)
     H, W = size or RESOLUTIONS[dataset][1]
     torch.manual_seed(seed)
-    models = {"jd": reparameterize(DistributedSegmenter("jd", **cfg).eval()),
-              "ahuja": DistributedSegmenter("ahuja", **cfg).eval()}
+    models = {"jd": reparameterize(build_model({**cfg, "decoder": "jd"}).eval()),
+              "ahuja": build_model({**cfg, "decoder": "ahuja"}).eval()}
     models["ahuja"].hyperprior.load_state_dict(models["jd"].hyperprior.state_dict())
     hp = models["jd"].hyperprior
     hp.update()
-    r = torch.round(0.7 * torch.randn(batch, 64, -(-H // 16), -(-W // 16)))  # a latent of the right size
+    r = torch.round(0.7 * torch.randn(batch, hp.N, -(-H // 16), -(-W // 16)))  # a latent of the right size
     strings = hp.compress(r, models["jd"].SE.h_a(r.abs()), (H, W))
     results = {}
     for name, model in models.items():
@@ -391,7 +404,9 @@ PAPER_COMPLEXITY = {
     "coco": {"edge": (25.14, 103), "jd": (1.66, 10), "ahuja": (16.78, 521)},
     "cityscapes": {"edge": (25.14, 801), "jd": (4.92, 39), "ahuja": (42.44, 1366)},
 }
-RESOLUTIONS = {"coco": ((513, 513), (1024, 2048)), "cityscapes": ((1024, 2048), (1024, 2048))}
+# (edge input, cloud input) per preset; the paper's COCO cloud numbers only fit 1024x2048
+RESOLUTIONS = {"synthetic": ((128, 256), (128, 256)), "coco": ((513, 513), (1024, 2048)),
+               "cityscapes": ((1024, 2048), (1024, 2048))}
 
 
 def count_params(*modules):
@@ -408,18 +423,17 @@ def count_gmacs(fn, *inputs):
 def complexity(dataset, K=None):
     """Params and GMACs of edge, JD (training-time and deployed), Ahuja SD+D and the
     No-Compression head for a paper preset; returns a dict (the --json keys)."""
-    cfg = dict(PAPER_NETWORKS[dataset])
+    cfg = preset(dataset)
     cfg["K"] = cfg["K"] if K is None else K
     (eh, ew), (ch, cw) = RESOLUTIONS[dataset]
     with torch.device("meta"):  # shapes only: no memory, no arithmetic
-        jd = DistributedSegmenter("jd", **cfg).eval()
+        jd, ahuja, nocomp = (build_model({**cfg, "decoder": d}).eval() for d in ("jd", "ahuja", "none"))
         jd_deployed = reparameterize(jd)  # the branch fusion itself, on shapes only
-        ahuja = DistributedSegmenter("ahuja", **cfg).eval()
-        nocomp = DistributedSegmenter("none", **cfg).eval()
+        N = jd.hyperprior.N
         x = torch.empty(1, 3, eh, ew)
         z = torch.empty(1, jd.E.C, -(-ch // 8), -(-cw // 8))  # cloud-side shapes
-        r_hat = torch.empty(1, 64, -(-ch // 16), -(-cw // 16))
-        h_hat = torch.empty(1, 64, -(-ch // 64), -(-cw // 64))
+        r_hat = torch.empty(1, N, -(-ch // 16), -(-cw // 16))
+        h_hat = torch.empty(1, N, -(-ch // 64), -(-cw // 64))
 
         def edge(x):  # the transmitter also runs HD: it needs sigma to code r
             r, h = jd.SE(jd.E(x))
@@ -447,7 +461,7 @@ def complexity(dataset, K=None):
 
 
 def print_complexity(c):
-    paper = PAPER_COMPLEXITY[c["dataset"]]
+    paper = PAPER_COMPLEXITY.get(c["dataset"], {})  # the paper has no numbers for the demo
     print(f"{c['dataset']}: edge input {c['edge_resolution'][0]}x{c['edge_resolution'][1]}, "
           f"cloud input {c['cloud_resolution'][0]}x{c['cloud_resolution'][1]}; "
           f"GMACs = FLOPs/2 of torch.utils.flop_counter")
@@ -458,11 +472,12 @@ def print_complexity(c):
             ("cloud: Ahuja et al. SD + D", "ahuja", "ahuja"),
             ("cloud: No Compression D", "nocomp", None)]
     for name, key, pkey in rows:
-        pp, pg = paper[pkey] if pkey else ("-", "-")
+        pp, pg = paper.get(pkey, ("-", "-"))
         print(f"{name:34s} {c[key + '_params'] / 1e6:10.2f} {pp:>7} {c[key + '_gmacs']:9.2f} {pg:>7}")
-    (jp, jg), (ap, ag) = paper["jd"], paper["ahuja"]
+    (jp, jg), (ap, ag) = paper.get("jd", (0, 0)), paper.get("ahuja", (1, 1))
+    pr, gr = (f"{100 * jp / ap:6.2f}%", f"{100 * jg / ag:6.2f}%") if paper else ("-", "-")
     print(f"{'JD (deployed) / (SD + D)':34s} {100 * c['jd_params'] / c['ahuja_params']:9.2f}% "
-          f"{100 * jp / ap:6.2f}% {100 * c['jd_gmacs'] / c['ahuja_gmacs']:8.2f}% {100 * jg / ag:6.2f}%")
+          f"{pr:>7} {100 * c['jd_gmacs'] / c['ahuja_gmacs']:8.2f}% {gr:>7}")
 
 
 # -----------------------------------------------------------------------------
@@ -479,20 +494,21 @@ def get_args_parser():
     p.add_argument("--split", default="val", help="dataset split")
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="images per batch (default 8; the benchmark's default is 1: latency per image)")
     # outputs
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--save-bitstreams", default=None, metavar="DIR", help="run only the edge: one file per image")
     p.add_argument("--from-bitstreams", default=None, metavar="DIR", help="run only the cloud, on those files")
-    p.add_argument("--save-vis", nargs=2, default=None, metavar=("DIR", "N"), help="N pictures image|truth|prediction")
+    p.add_argument("--save-vis", default=None, metavar="DIR", help="pictures image | truth | prediction, with a legend")
+    p.add_argument("--n-vis", type=int, default=4, help="how many pictures --save-vis writes")
     p.add_argument("--plot", default=None, help="RD plot (PNG) for --rd")
     p.add_argument("--csv", default=None, help="RD table (CSV) for --rd")
     p.add_argument("--jpeg-qualities", type=int, nargs="+", default=JPEG_QUALITIES, help="for --rd")
     # complexity and benchmark
-    p.add_argument("--dataset", default="cityscapes", choices=sorted(PAPER_NETWORKS), help="paper preset")
+    p.add_argument("--dataset", default="cityscapes", choices=DATASETS, help="preset networks (data.PRESETS)")
     p.add_argument("--K", type=int, default=None, help="over-parameterization repetitions (default: preset's)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="benchmark input size")
-    p.add_argument("--batch", type=int, default=1, help="benchmark batch")
     p.add_argument("--repeat", type=int, default=3, help="benchmark runs after one warm-up")
     # system
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -505,7 +521,7 @@ def main(args):
         out = complexity(args.dataset, args.K)
         print_complexity(out)
     elif args.benchmark:
-        out = benchmark_cloud(args.dataset, args.size, args.batch, args.repeat, args.device)
+        out = benchmark_cloud(args.dataset, args.size, args.batch_size or 1, args.repeat, args.device)
         print_benchmark(out)
     elif args.rd:
         out = rd_points(args.rd, args.device, args.split, args.limit, args.data_root, args.jpeg_qualities)
@@ -523,7 +539,7 @@ def main(args):
         model, ckpt = load_checkpoint(args.ckpt, args.device)
         ds, full = val_dataset(ckpt["args"], args.split, args.limit, args.data_root)
         if args.save_bitstreams:
-            n, total = save_bitstreams(model, ds, args.save_bitstreams, args.device, args.split, args.batch_size)
+            n, total = save_bitstreams(model, ds, args.save_bitstreams, args.device, args.split, args.batch_size or 8)
             out = {"n_images": n, "bytes": total}
             print(f"edge: wrote {n} bitstreams, {total} bytes, to {args.save_bitstreams}")
         elif args.from_bitstreams:
@@ -531,9 +547,11 @@ def main(args):
             print(f"cloud: {out['n_images']} bitstreams decoded, {out['n_refused']} refused; "
                   f"mIoU {out['miou']:.4f}, bpp (file bytes) {out['bpp_real']:.4f}")
         else:
-            out = evaluate(model, ds, args.device, args.batch_size)
+            out = evaluate(model, ds, args.device, args.batch_size or 8)
+            print(f"per-class IoU ({out['n_images']} {args.split} images; nan: class neither in the labels "
+                  f"nor predicted)")
             for name, v in zip(full.classes, out["iou"]):
-                print(f"  {name:16s} IoU {v:.4f}")
+                print(f"  {name:16s} {v:.4f}")
             line = f"{args.split} ({out['n_images']} images): mIoU {out['miou']:.4f}"
             if out["bpp_real"] is not None:
                 out["bpp_ratio"] = out["bpp_real"] / out["bpp_est"]
@@ -541,8 +559,8 @@ def main(args):
                          f"ratio {out['bpp_ratio']:.3f}")
             print(line)
         if args.save_vis:
-            paths = save_vis(model, ds, full.palette, args.save_vis[0], int(args.save_vis[1]), args.device)
-            print(f"wrote {len(paths)} pictures to {args.save_vis[0]}")
+            paths = save_vis(model, ds, full.classes, full.palette, args.save_vis, args.n_vis, args.device)
+            print(f"wrote {len(paths)} pictures to {args.save_vis}")
     else:
         get_args_parser().print_help()
     if args.json and out is not None:

@@ -18,7 +18,7 @@ hyper-analysis h_a), HD = hyper-decoder, JD = joint source and task decoder (Fig
 ASPP sub-blocks are over-parameterized with K branches during training (Fig. 4, Sec. 3.3).
 The entropy models and the bitstreams live in entropy.py; branch fusion in reparam.py.
 
-    model = DistributedSegmenter("jd", **PAPER_NETWORKS["cityscapes"])  # S=19, F=512, K=3
+    model = build_model({**preset("cityscapes"), "decoder": "jd"})  # S=19, F=512, K=3 (data.py)
     out = model(x)                  # training: {"logits": (B,S,H,W), "likelihoods": {...}}
     strings = model.compress(x)     # edge: one bytes object per image
     logits = model.decompress(strings)  # cloud: never reconstructs z
@@ -28,8 +28,8 @@ from collections import OrderedDict
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 import torchvision
+from torch.nn.functional import adaptive_avg_pool2d, interpolate, relu
 
 from entropy import HyperpriorCoder
 
@@ -66,7 +66,7 @@ class SubBlock(nn.Module):
         self.kernel_size, self.dilation = k, d
 
     def forward(self, x):
-        return F.relu(sum(branch(x) for branch in self.branches))
+        return relu(sum(branch(x) for branch in self.branches))
 
 
 class ASPP(nn.Module):
@@ -87,7 +87,7 @@ class ASPP(nn.Module):
     def forward(self, x):
         # image pooling: AvgPool to 1x1, conv, then UpSampling(u x v); upsampling a 1x1 map
         # bilinearly is a broadcast. (BatchNorm on a 1x1 map needs batch >= 2 in training.)
-        pooled = self.pool(F.adaptive_avg_pool2d(x, 1)).expand(-1, -1, *x.shape[-2:])
+        pooled = self.pool(adaptive_avg_pool2d(x, 1)).expand(-1, -1, *x.shape[-2:])
         y = torch.cat([self.b0(x), *[b(x) for b in self.dilated], pooled], dim=1)  # (B, 5F, h, w)
         return self.project(y)  # (B, F, h, w)
 
@@ -190,7 +190,7 @@ class JD(nn.Module):
         y = self.conv3(self.aspp(r_hat))  # (B, F, H/16, W/16)
         y = crop_to_z(self.up(y), image_size)  # (B, F, H/8, W/8)
         y = self.classifier(y)  # (B, S, H/8, W/8)
-        return F.interpolate(y, image_size, mode="bilinear", align_corners=False)
+        return interpolate(y, image_size, mode="bilinear", align_corners=False)
 
 
 class SD(nn.Module):
@@ -227,19 +227,11 @@ class D(nn.Module):
 
     def forward(self, z, image_size):
         y = self.classifier(self.conv3(self.aspp(z)))  # (B, S, H/8, W/8)
-        return F.interpolate(y, image_size, mode="bilinear", align_corners=False)
+        return interpolate(y, image_size, mode="bilinear", align_corners=False)
 
 
 # -----------------------------------------------------------------------------
 # the whole system
-
-# The paper's networks per dataset (Sec. 4.2; K as in Fig. 5): classes S, ASPP width F,
-# repetitions K, and the DeepLabv3 head of the baselines (see D). Dilations are (5, 10, 15).
-PAPER_NETWORKS = {
-    "coco": dict(S=21, F=256, K=1, head="torchvision", encoder="resnet50"),
-    "cityscapes": dict(S=19, F=512, K=3, head="mmseg", encoder="resnet50"),
-}
-
 
 class DistributedSegmenter(nn.Module):
     """Edge (E + SE + hyperprior) and cloud for one decoder type:

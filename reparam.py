@@ -4,7 +4,7 @@ sub-block of JD trains as K (+1) parallel conv+BN branches; for deployment they 
 into one convolution with bias, so a K = 3 JD costs in the cloud exactly what the plain
 Fig. 3 JD costs. After RepVGG [Ding et al. 2021] and MobileOne [Vasu et al. 2023].
 
-    python reparam.py --ckpt out/ckpt.pt --out out/deployed.pt
+    python reparam.py --ckpt out/synthetic/ckpt.pt --out out/synthetic/deployed.pt
 
 In eval mode each branch is linear: BN(conv(x)) = conv(x; w*gamma/s) + (beta - mu*gamma/s), with
 s = sqrt(var + eps). A sum of convolutions over the same input with the same stride and
@@ -16,8 +16,8 @@ import copy
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from data import val_dataset
 from model import SubBlock, load_checkpoint, save_checkpoint
 
 
@@ -28,7 +28,7 @@ def fuse_conv_bn(conv, bn):
 
 
 def pad_1x1_to_3x3(kernel):
-    return F.pad(kernel, [1, 1, 1, 1])  # the 1x1 weight becomes the centre tap
+    return torch.nn.functional.pad(kernel, [1, 1, 1, 1])  # the 1x1 weight becomes the centre tap
 
 
 def equivalent_kernel_bias(block: SubBlock):
@@ -81,7 +81,6 @@ def main():
     p.add_argument("--n-images", type=int, default=4, help="val images to compare the logits on")
     args = p.parse_args()
 
-    from evaluate import val_dataset  # only the CLI needs data (evaluate.py imports this file)
     model, ckpt = load_checkpoint(args.ckpt)
     deployed = reparameterize(model)
 

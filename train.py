@@ -3,15 +3,16 @@ Train a distributed segmenter end to end on the rate-distortion loss of Eq. (3),
     J = alpha * cross-entropy + (1 - alpha) * bits per pixel (Eq. 1),
 then evaluate it on the val set through real bitstreams.
 
-    python train.py                                   # built-in synthetic streets, CPU, ~4 min
-    python train.py --alpha 0.5 --out-dir out_a0.5    # another rate
-    python train.py --decoder ahuja                   # Ahuja et al.'s SD + D baseline
-    python train.py --decoder none                    # No Compression DeepLabv3 (CE only)
-    python train.py --resume out/ckpt.pt              # continue exactly where it stopped
-    python train.py --decoder ahuja --edge-from out/ckpt.pt   # another decoder, same frozen edge
+    python train.py                                   # built-in synthetic streets -> out/synthetic/
+    python train.py --alpha 0.3 --out-dir runs/jd_a0.3               # another rate
+    python train.py --decoder ahuja --out-dir runs/ahuja_a0.6        # Ahuja et al.'s SD + D
+    python train.py --decoder none --out-dir runs/none               # No Compression (CE only)
+    python train.py --resume out/synthetic/ckpt.pt    # continue exactly where it stopped
+    python train.py --decoder ahuja --edge-from out/synthetic/ckpt.pt --out-dir runs/sd_on_jd
     torchrun --standalone --nproc_per_node 2 train.py --max-iters 20   # DDP (gloo on CPU, nccl on GPUs)
+    python train.py --dataset cityscapes --K 3 --print-config          # Suppl. Table 3, resolved
 
-A dataset preset (--dataset) fills in only the settings you did not give.
+A dataset preset (--dataset, data.PRESETS) fills in only the settings you did not give.
 """
 import argparse
 import json
@@ -22,11 +23,11 @@ import time
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
+from torch.nn.functional import cross_entropy
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from data import CLASSES, get_dataset
+from data import DATASETS, PRESETS, get_dataset, preset
 from entropy import bits_per_pixel, split_parameters
 from evaluate import evaluate
 from model import MODEL_KEYS, build_model, load_encoder_weights, save_checkpoint
@@ -34,65 +35,68 @@ from model import MODEL_KEYS, build_model, load_encoder_weights, save_checkpoint
 sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also through a pipe
 
 # -----------------------------------------------------------------------------
-# config: flags left at None take the dataset preset's value, then the common default
+# config. Settings that depend on the dataset come from data.PRESETS (one table: the demo's
+# column and Suppl. Table 3's); the others default to DEFAULTS below. Only the flags you give
+# override them; --help shows both.
 
-p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+DEFAULTS = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", encoder_weights=None,
+                edge_from=None, clip=1.0, resume=None, seed=0, device=None, amp=False, compile=False)
+
+p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                            argument_default=argparse.SUPPRESS)  # parsed = only the flags given
+
+
+def flag(name, help, **kw):
+    """An argparse flag whose help ends with its default, and the presets' where they differ."""
+    key = name[2:].replace("-", "_")
+    if key in PRESETS:
+        demo, *paper = ("none" if v is None else v for v in PRESETS[key])
+        others = [f"{d} {v}" for d, v in zip(DATASETS[1:], paper) if v != demo]
+        help += f" (default {demo}" + (f"; {', '.join(others)}" if others else "") + ")"
+    elif key in DEFAULTS and DEFAULTS[key] is not None and DEFAULTS[key] is not False:
+        help += f" (default {DEFAULTS[key]})"
+    p.add_argument(name, help=help.replace("%", "%%"), **kw)
+
+
 # data
-p.add_argument("--dataset", default=None, choices=["synthetic", "cityscapes", "coco"], help="data and paper preset (default synthetic)")
-p.add_argument("--data-root", default=None, help="dataset folder (real datasets)")
-p.add_argument("--crop", type=int, default=None, help="random square training crop of the real datasets, 0 = whole image (synthetic scenes are not cropped)")
-p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="synthetic scene size (default 128 256); the real datasets use --crop")
-p.add_argument("--val-limit", type=int, default=None, help="validate on the first N val images only (quick checks)")
+flag("--dataset", "data and paper preset", choices=DATASETS)
+flag("--data-root", "dataset folder (real datasets; default data/<dataset>)")
+flag("--crop", "random square training crop of the real datasets, 0 = whole image", type=int)
+flag("--size", "synthetic scene size; the real datasets use --crop", type=int, nargs=2, metavar=("H", "W"))
+flag("--val-limit", "validate on the first N val images only (quick checks)", type=int)
 # model
-p.add_argument("--decoder", default=None, choices=["jd", "ahuja", "none"], help="cloud: ours, Ahuja et al., no compression")
-p.add_argument("--encoder", default=None, choices=["resnet50", "resnet18-l2"], help="image encoder E")
-p.add_argument("--K", type=int, default=None, help="JD over-parameterization repetitions, 0 = plain ASPP (Fig. 4)")
-p.add_argument("--F", type=int, default=None, help="ASPP width (JD and D)")
-p.add_argument("--dilations", type=int, nargs=3, default=None, help="JD's ASPP dilations")
-p.add_argument("--head", default=None, choices=["torchvision", "mmseg"], help="DeepLabv3 head D of the baselines")
-p.add_argument("--encoder-weights", default=None, help="local torchvision ResNet or DeepLabv3 state dict for E")
-p.add_argument("--edge-from", default=None, help="train only the cloud decoder, on the frozen edge (E, SE, entropy models, HD) of this jd/ahuja checkpoint: the same bitstreams, another decoder")
+flag("--decoder", "cloud: ours, Ahuja et al., no compression", choices=["jd", "ahuja", "none"])
+flag("--encoder", "image encoder E", choices=["resnet50", "resnet18-l2"])
+flag("--K", "JD's over-parameterization repetitions, 0 = plain ASPP (Fig. 4)", type=int)
+flag("--F", "ASPP width (JD and D)", type=int)
+flag("--dilations", "JD's ASPP dilations", type=int, nargs=3)
+flag("--head", "DeepLabv3 head D of the baselines", choices=["torchvision", "mmseg"])
+flag("--encoder-weights", "local torchvision ResNet or DeepLabv3 state dict, or a train.py checkpoint, for E")
+flag("--edge-from", "train only the cloud decoder, on the frozen edge (E, SE, entropy models, HD) of this "
+     "jd/ahuja checkpoint: the same bitstreams, another decoder")
 # rate
-p.add_argument("--alpha", type=float, default=None, help="RD trade-off of Eq. (3); higher = more bits")
+flag("--alpha", "RD trade-off of Eq. (3), in (0, 1]; higher = more bits", type=float)
 # optim
-p.add_argument("--max-iters", type=int, default=None, help="training iterations tau_max")
-p.add_argument("--epochs", type=int, default=None, help="instead of --max-iters: passes over the training set")
-p.add_argument("--batch-size", type=int, default=None, help="effective batch, split over processes")
-p.add_argument("--lr", type=float, default=None, help="initial learning rate, main optimizer")
-p.add_argument("--lr-aux", type=float, default=None, help="initial learning rate, aux optimizer (quantiles)")
-p.add_argument("--clip", type=float, default=None, help="gradient clipping by norm")
+flag("--max-iters", "training iterations tau_max", type=int)
+flag("--epochs", "instead of --max-iters: passes over the training set", type=int)
+flag("--batch-size", "effective batch, split over processes", type=int)
+flag("--lr", "initial learning rate, main optimizer", type=float)
+flag("--lr-aux", "initial learning rate, aux optimizer (quantiles)", type=float)
+flag("--clip", "gradient clipping by norm", type=float)
 # system
-p.add_argument("--out-dir", default=None, help="where ckpt.pt and metrics.json go")
-p.add_argument("--resume", default=None, help="checkpoint to continue from")
-p.add_argument("--seed", type=int, default=None)
-p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-p.add_argument("--amp", action="store_true", default=None, help="bfloat16 autocast (entropy models stay float32)")
-p.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-p.add_argument("--eval-interval", type=int, default=None, help="validate and checkpoint every N iterations")
-p.add_argument("--log-interval", type=int, default=None)
-p.add_argument("--num-workers", type=int, default=None, help="DataLoader worker processes")
+flag("--out-dir", "where ckpt.pt and metrics.json go")
+flag("--resume", "checkpoint to continue from")
+flag("--seed", "seed of the data order, initialization and noise", type=int)
+flag("--device", "cpu, cuda, cuda:1, ... (default: cuda if available)")
+flag("--amp", "bfloat16 autocast (the entropy models stay float32)", action="store_true")
+flag("--compile", "torch.compile the model", action="store_true")
+flag("--eval-interval", "validate and checkpoint every N iterations", type=int)
+flag("--log-interval", "log every N iterations", type=int)
+flag("--num-workers", "DataLoader worker processes", type=int)
 p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
 
-COMMON = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", encoder_weights=None,
-              clip=1.0, out_dir="out", seed=0, resume=None, device=None, amp=False, compile=False,
-              log_interval=20, num_workers=0, epochs=None, size=None, edge_from=None)
-PAPER = dict(encoder="resnet50", dilations=[5, 10, 15], alpha=0.9, num_workers=4, log_interval=50)
-PRESETS = {
-    # built-in data, sized for a laptop CPU: light encoder, narrow ASPP; dilations (1, 2, 3)
-    # because on an 8x16 latent the paper's (5, 10, 15) would mostly see padding
-    "synthetic": dict(encoder="resnet18-l2", K=3, F=64, dilations=[1, 2, 3], head="torchvision",
-                      alpha=0.6, max_iters=700, batch_size=8, lr=2e-3, lr_aux=1e-3, crop=0,
-                      eval_interval=350, size=[128, 256]),
-    # Suppl. Table 3 and Sec. 4.2; K as in Fig. 5. The paper sweeps alpha (Fig. 5) without
-    # listing the values: 0.9 is our default, choose yours with --alpha.
-    "cityscapes": dict(PAPER, K=3, F=512, head="mmseg", max_iters=80_000, batch_size=8, lr=1e-3,
-                       lr_aux=1e-3, crop=769, eval_interval=8000),
-    "coco": dict(PAPER, K=1, F=256, head="torchvision", epochs=42, max_iters=None, batch_size=16,
-                 lr=1e-2, lr_aux=1e-3, crop=513, eval_interval=5000),
-}
-
-cli = {k: v for k, v in vars(p.parse_args()).items() if v is not None}
-print_config = cli.pop("print_config")
+cli = vars(p.parse_args())
+print_config = cli.pop("print_config", False)
 if "resume" in cli:  # settings come from the checkpoint; the model's may not change
     if not os.path.isfile(cli["resume"]):
         sys.exit(f"--resume: no checkpoint at {cli['resume']}")
@@ -103,10 +107,10 @@ if "resume" in cli:  # settings come from the checkpoint; the model's may not ch
               for k in MODEL_KEYS + ("dataset", "size") if k in cli and cli[k] != ckpt["args"].get(k)]
     if differ:
         sys.exit(f"cannot resume {cli['resume']}: it was trained with other settings: {'; '.join(differ)}")
-    config = {**COMMON, **ckpt["args"], **cli}  # COMMON: settings added since it was saved
+    # DEFAULTS and the preset first: settings added since the checkpoint was saved
+    config = {**DEFAULTS, **preset(ckpt["args"]["dataset"]), **ckpt["args"], **cli}
 else:
-    dataset = cli.get("dataset", COMMON["dataset"])
-    config = {**COMMON, **PRESETS[dataset], **cli}
+    config = {**DEFAULTS, **preset(cli.get("dataset", DEFAULTS["dataset"])), **cli}
 args = argparse.Namespace(**config)
 if "resume" in cli and "edge_from" in cli:
     sys.exit("--edge-from starts a run; --resume continues one with the edge setting it was started with")
@@ -116,7 +120,6 @@ if args.edge_from and (args.encoder_weights or "alpha" in cli):
     sys.exit("--edge-from brings the whole edge and its rate point: drop --encoder-weights and --alpha")
 if args.dataset != "synthetic" and "size" in cli:
     sys.exit("--size sets the synthetic scenes' size; the real datasets take --crop")
-args.num_classes = len(CLASSES[args.dataset])
 if print_config:
     print(json.dumps(vars(args), indent=2))
     print("fixed in the code: Adam betas (0.9, 0.99), weight decay 0, poly LR power 0.9, Kaiming init"
@@ -270,12 +273,13 @@ while iter_num < args.max_iters:
 
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp):
         out = model(x)
-    ce = F.cross_entropy(out["logits"].float(), y, ignore_index=255)  # Eq. (2)
+    ce = cross_entropy(out["logits"].float(), y, ignore_index=255)  # J_dist, Eq. (2)
     if compress:
-        bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * x.shape[2] * x.shape[3])  # Eq. (1)
-        # Eq. (3); on a frozen edge the rate is fixed and J reduces to the cross-entropy
-        loss = ce if args.edge_from else args.alpha * ce + (1 - args.alpha) * bpp
-    else:
+        bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * x.shape[2] * x.shape[3])  # J_rate, Eq. (1)
+        loss = args.alpha * ce + (1 - args.alpha) * bpp  # J, Eq. (3)
+        if args.edge_from:  # a frozen edge: the rate cannot change, J reduces to the cross-entropy
+            loss = ce
+    else:  # No Compression: the cross-entropy alone
         bpp, loss = torch.zeros(()), ce
     finite = torch.isfinite(loss.detach()).float()
     if ddp:
@@ -324,6 +328,7 @@ if master:
         line += (f", bpp (real bytes) {m['bpp_real']:.4f}, bpp (likelihoods) {m['bpp_est']:.4f}"
                  f", ratio {m['bpp_real'] / m['bpp_est']:.3f}")
     print(line)
+    print(f"checkpoint: {os.path.join(args.out_dir, 'ckpt.pt')}")
     with open(os.path.join(args.out_dir, "metrics.json"), "w") as f:
         json.dump({**m, "classes": list(train_ds.classes), "args": vars(args)}, f, indent=2)
 if ddp:
