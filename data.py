@@ -20,6 +20,7 @@ import contextlib
 import glob
 import io
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -345,9 +346,36 @@ class COCOVOC(torch.utils.data.Dataset):
                 raise missing_data("coco", root, path)
         with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints its progress
             self.coco = COCO(annotations)
+        self.drop_degenerate(annotations)
         self.ids = sorted(self.coco.imgs)
         if split == "train":
             self.ids = [i for i in self.ids if sum(a["area"] for a in self.annotations(i)) > 1000]
+
+    def drop_degenerate(self, path):
+        """Skip polygon parts of fewer than 6 coordinates (3 points) and annotations left with
+        no segmentation, as detectron2 does, with one warning that counts them: pycocotools
+        would fail on them without naming the annotation, or read 4 coordinates as a box."""
+        parts, dropped, first = 0, [], None
+        for a in self.coco.dataset["annotations"]:
+            if a["category_id"] not in CAT_LIST:
+                continue
+            if "area" not in a:
+                raise ValueError(f"{path}: annotation {a.get('id')} of image {a.get('image_id')} has no 'area'")
+            seg = a.get("segmentation")
+            if isinstance(seg, list) or not seg:  # polygons (RLE is a dict)
+                kept = [p for p in seg or [] if isinstance(p, list) and len(p) >= 6]
+                if len(kept) < len(seg or [None]):
+                    parts, first = parts + len(seg or []) - len(kept), first or (a["image_id"], a["id"])
+                a["segmentation"] = kept
+                if not kept:
+                    dropped.append(a)
+        for a in dropped:  # pycocotools indexes annotations by id and by image
+            del self.coco.anns[a["id"]]
+            self.coco.imgToAnns[a["image_id"]] = [b for b in self.coco.imgToAnns[a["image_id"]] if b is not a]
+        if parts or dropped:
+            warnings.warn(f"{path}: skipped {parts} polygon parts with fewer than 6 coordinates and "
+                          f"{len(dropped)} annotations left without a segmentation (the first: image "
+                          f"{first[0]}, annotation {first[1]})")
 
     def annotations(self, image_id):
         anns = self.coco.loadAnns(self.coco.getAnnIds(imgIds=image_id))

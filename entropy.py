@@ -6,22 +6,31 @@ Training:  r -> r + U(-1/2, 1/2), h -> h + U(-1/2, 1/2); the rate is -log2 of th
            h^ into b_h (EntropyBottleneck, a learned factorized prior) and r^ into b_r
            (GaussianConditional, zero-mean, sigma = HD(h^)).
 
-One image becomes one self-describing byte string (the "container"):
+One image becomes one self-describing byte string (the "container", format version 2):
 
     offset  size  field
-    0       4     magic b"DSSJ"
-    4       1     format version
-    5       2+2   input image H, W
-    9       2     latent channels N
-    11      2+2   r^ height, width          (H/16, W/16 for an output-stride-8 encoder)
-    15      2+2   h^ height, width          (r^'s size / 4, rounded up)
-    19      4+4   payload lengths of b_h, b_r
-    27      4     model id: CRC32 of the entropy models' CDF tables and HD's weights
-    31      4     CRC32 of bytes 0..30 and of the payload
-    35      ...   b_h, then b_r
+    0       2     magic b"DJ"
+    2       1     format version (2)
+    3       2     model tag: the low 16 bits of the model id (names a foreign model's string)
+    5       1-3   image H, unsigned LEB128 varint (7 bits a byte)
+    .       1-3   image W, varint
+    .       1-3   length of b_h in bytes, varint; b_r is the rest of the string
+    .       4     check value: CRC32 over the 4-byte model id, the header bytes before it,
+                  and the payload. The model id is a CRC32 of the entropy models' CDF tables
+                  and HD's weights, so a string is accepted only by the model that wrote it.
+    .       ...   b_h, then b_r
 
-A string that is truncated, bit-flipped, foreign, or written by another model is refused
-with a ValueError that says which; it is never decoded into garbage.
+At 128x256 with b_h under 128 bytes the header is 14 bytes (1024x2048: 15). What the model and
+the image size determine is not sent: the latent channels N, r^'s size ceil(H/16) x ceil(W/16)
+(output stride 8 of E, stride 2 of SE) and h^'s size ceil(H/64) x ceil(W/64).
+
+Every string is hostile until proven otherwise. Before any entropy decoding the header is
+checked (magic, version, sizes against MAX_IMAGE_PIXELS, the check value, payload lengths that
+rANS can have written: a multiple of 4 bytes, at least 8); decoding reads only inside a buffer
+we own (see rans_decode); and the decoded symbols must re-encode to exactly the payload. So a
+truncated, bit-flipped, foreign, forged or oversized string raises a ValueError that says
+which, within bounded time and memory, and is never decoded into garbage. The encoder refuses
+latents it cannot code exactly (an untrained or diverged model) with a ValueError too.
 
 Used by model.py (the edge's compress, the cloud's decompress) and train.py (Eq. (1), the
 main/aux optimizer split).
@@ -40,9 +49,12 @@ from compressai.entropy_models import EntropyBottleneck, GaussianConditional  # 
 from compressai.models.base import get_scale_table  # noqa: E402
 from compressai.models.utils import update_registered_buffers  # noqa: E402
 
-MAGIC = b"DSSJ"  # Distributed Semantic Segmentation, Joint decoding
-VERSION = 1
-HEADER = struct.Struct(">4sB HH H HH HH II I I")  # big-endian, 35 bytes, see the table above
+MAGIC = b"DJ"  # Distributed semantic segmentation, Joint decoding
+VERSION = 2
+MAX_IMAGE_PIXELS = 2048 * 4096  # a string declaring a larger image is refused (as Pillow's cap);
+#                                  4x a Cityscapes frame; evaluate.py --max-image-pixels sets it
+LATENT_LIMIT = 2**20  # |symbol| beyond this is refused: CompressAI's escape coding of a value
+#                       needs n_bypass * 4 < 32 bits, or its encoder loops forever
 
 
 def bits_per_pixel(likelihoods, num_pixels):
@@ -131,63 +143,205 @@ class HyperpriorCoder(nn.Module):
     def compress(self, r, h, image_size):
         """r (B, N, H/16, W/16), h (B, N, H/64, W/64) -> B containers (bytes)."""
         r, h = r.float(), h.float()
-        b_h = self.entropy_bottleneck.compress(h)
-        h_hat = self.entropy_bottleneck.decompress(b_h, h.shape[-2:])
-        indexes = self.gaussian_conditional.build_indexes(self._sigma_for_coding(h_hat, r.shape[-2:]))
-        b_r = self.gaussian_conditional.compress(r, indexes)
+        if r.shape[-2:] != latent_size(image_size) or h.shape[-2:] != hyper_size(image_size):
+            raise ValueError(f"latents {tuple(r.shape[-2:])} and {tuple(h.shape[-2:])} do not fit an image of "
+                             f"{tuple(image_size)}: the container assumes an encoder of stride 16 and 64")
+        eb, gc = self.entropy_bottleneck, self.gaussian_conditional
+        medians = eb._get_medians().detach().reshape(1, -1, 1, 1)
+        symbols_h = torch.round(h - medians)  # CompressAI's "symbols" quantization of h
+        check_codable(symbols_h, "h - median")
+        b_h = rans_encode(eb, symbols_h, self._channel_indexes(h))
+        h_hat = symbols_h + medians  # what the cloud decodes
+        indexes = gc.build_indexes(self._sigma_for_coding(h_hat, r.shape[-2:]))
+        symbols_r = torch.round(r)
+        check_codable(symbols_r, "r")
+        b_r = rans_encode(gc, symbols_r, indexes)
         model_id = self.model_id()
-        return [pack(s_h, s_r, image_size, r.shape[1:], h.shape[-2:], model_id)
-                for s_h, s_r in zip(b_h, b_r)]
+        return [pack(s_h, s_r, image_size, model_id) for s_h, s_r in zip(b_h, b_r)]
 
     @torch.no_grad()
     def decompress(self, strings):
         """B containers (bytes) of equal image size -> r^ (B, N, H/16, W/16), (H, W)."""
         model_id = self.model_id()
-        fields = [unpack(s, model_id, self.N) for s in strings]
-        shapes = {f["image_size"] + f["r_size"] for f in fields}
-        if len(shapes) != 1:
-            raise ValueError(f"cannot batch strings of different image sizes {sorted(shapes)}; "
+        fields = [unpack(s, model_id) for s in strings]  # header checks before any decoding
+        sizes = {f["image_size"] for f in fields}
+        if len(sizes) != 1:
+            raise ValueError(f"cannot batch strings of different image sizes {sorted(sizes)}; "
                              "decode them one at a time")
-        h_size, r_size = fields[0]["h_size"], fields[0]["r_size"]
+        image_size = fields[0]["image_size"]
         device = self.entropy_bottleneck.quantiles.device
-        h_hat = self.entropy_bottleneck.decompress([f["b_h"] for f in fields], h_size).to(device)
-        indexes = self.gaussian_conditional.build_indexes(self._sigma_for_coding(h_hat, r_size))
-        r_hat = self.gaussian_conditional.decompress([f["b_r"] for f in fields], indexes)
-        return r_hat.to(device), fields[0]["image_size"]
+        eb, gc = self.entropy_bottleneck, self.gaussian_conditional
+        medians = eb._get_medians().detach().reshape(1, -1, 1, 1).cpu()
+        indexes = self._channel_indexes(torch.empty(len(fields), self.N, *hyper_size(image_size)))
+        symbols_h = rans_decode(eb, [f["b_h"] for f in fields], indexes, "b_h")
+        h_hat = symbols_h + medians
+        indexes = gc.build_indexes(self._sigma_for_coding(h_hat, latent_size(image_size))).cpu()
+        r_hat = rans_decode(gc, [f["b_r"] for f in fields], indexes, "b_r")
+        return r_hat.to(device), image_size
+
+    @staticmethod
+    def _channel_indexes(h):
+        """The EntropyBottleneck's CDF index of each element of h: its channel."""
+        return torch.arange(h.shape[1]).reshape(1, -1, 1, 1).expand(h.shape)
 
 
-def pack(b_h, b_r, image_size, r_shape, h_size, model_id):
-    """The container: header (see the module docstring), then b_h and b_r."""
-    N, rh, rw = r_shape
-    head = HEADER.pack(MAGIC, VERSION, *image_size, N, rh, rw, *h_size, len(b_h), len(b_r),
-                       model_id, 0)[:-4]
-    return head + struct.pack(">I", zlib.crc32(b_h + b_r, zlib.crc32(head))) + b_h + b_r
+def latent_size(image_size):
+    """r's size for an H x W image: E has output stride 8, SE's g_a stride 2."""
+    return -(-image_size[0] // 16), -(-image_size[1] // 16)
 
 
-def unpack(data, model_id=None, N=None):
-    """Parse and check one container; raises ValueError naming what is wrong."""
+def hyper_size(image_size):
+    """h's size: SE's h_a has stride 4 on r."""
+    rh, rw = latent_size(image_size)
+    return -(-rh // 4), -(-rw // 4)
+
+
+# -----------------------------------------------------------------------------
+# rANS coding that no latent and no byte string can crash or hang
+
+
+def check_codable(symbols, name):
+    """Refuse symbols that CompressAI's rANS encoder cannot code exactly. A value outside a
+    CDF table is escape-coded: a 16-bit escape symbol, then its magnitude in 4-bit groups;
+    magnitudes of 2^28 or more make the encoder loop forever, and the encoder writes into a
+    buffer of one 32-bit word per symbol, which escape-heavy latents overrun. So every |symbol|
+    must be <= LATENT_LIMIT, and an upper bound of the coded size must fit the buffer:
+    16 bits a symbol, plus for every nonzero one the escape code of a magnitude 2|s| (which
+    bounds its distance to any table's edge, all tables containing 0)."""
+    a = symbols.abs().flatten(1)
+    if not torch.isfinite(a).all() or a.max() > LATENT_LIMIT:
+        raise ValueError(f"cannot code {name} up to {a.max().item():.3g} in magnitude (the coder takes up to "
+                         f"{LATENT_LIMIT}): the model is untrained or diverged")
+    nibbles = torch.ceil(torch.log2(2 * a + 1) / 4).clamp(min=1)  # 4-bit groups of the magnitude
+    bits = 16 + (a > 0) * 4 * (nibbles + 1 + nibbles // 15)  # + the groups' count, 15 per nibble
+    if (bits.sum(1) > 32 * (a.shape[1] - 4)).any():  # the encoder's buffer, less its state's 64+ bits
+        raise ValueError(f"cannot code {name}: {a.mean().item():.3g} in magnitude on average would overrun "
+                         "the rANS encoder's buffer: the model is untrained or diverged")
+
+
+def coder_tables(entropy_model, indexes):
+    """The CDF rows that `indexes` use, as lists for the C++ coder, and the indexes into
+    them: converting the whole Gaussian table (64 x ~3000 ints) would dominate small images."""
+    if entropy_model._quantized_cdf.numel() == 0:
+        raise ValueError("the entropy models have no CDF tables yet: call update() after training")
+    used, compact = torch.unique(indexes.flatten().cpu(), return_inverse=True)
+    lengths = entropy_model._cdf_length.cpu()[used]
+    cdfs = entropy_model._quantized_cdf.cpu()[used, : int(lengths.max())]
+    return compact.tolist(), cdfs.tolist(), lengths.tolist(), entropy_model._offset.cpu()[used].tolist()
+
+
+def rans_encode(entropy_model, symbols, indexes):
+    """Integer symbols (B, ...) with their CDF indexes -> B rANS byte strings, as CompressAI's
+    EntropyModel.compress writes them (the same coder, the same rows of the same tables)."""
+    strings = []
+    for s, i in zip(symbols, indexes):
+        tables = coder_tables(entropy_model, i)
+        strings.append(entropy_model.entropy_coder.encode_with_indexes(s.flatten().int().tolist(), *tables))
+    return strings
+
+
+def rans_decode(entropy_model, strings, indexes, name):
+    """B rANS byte strings -> integer symbols shaped like `indexes` (B, ...), for strings
+    that may be hostile. CompressAI's C++ decoder has no bounds checks: it reads two 32-bit
+    words to start, at most one a symbol, and for an escape code at most one per 7 bypass
+    reads of 4 bits, whose count the stream itself declares. Past the end of the payload we
+    give it zero words: there an escape's count can only come from the 64-bit state (at most
+    9 groups of 15 before a zero word ends it: 135 bypass reads, at most 21 words), and each
+    word of payload can lengthen a count by at most 8 groups (at most 19 words more). So a
+    string of n symbols gets 24 zero words a symbol and 20 a payload word: whatever the
+    decoder reads lies inside this buffer, which we own. Then the symbols must re-encode to
+    exactly the payload: truncated, shifted, extended or forged streams decode to something,
+    but never to symbols that re-encode to the same bytes."""
+    symbols = []
+    for s, i in zip(strings, indexes):
+        tables = coder_tables(entropy_model, i)
+        padded = s + bytes(4 * (8 + 24 * i.numel() + 20 * (len(s) // 4)))
+        symbols.append(torch.tensor(entropy_model.entropy_coder.decode_with_indexes(padded, *tables),
+                                    dtype=torch.float32).reshape(i.shape))
+    symbols = torch.stack(symbols)
+    try:  # first the range, so that re-encoding a hostile stream's symbols cannot hang or overrun
+        check_codable(symbols, name)
+    except ValueError:
+        raise ValueError(f"payload {name} decodes to values no encoder of this model writes: "
+                         "a forged or damaged bitstream") from None
+    if rans_encode(entropy_model, symbols, indexes) != list(strings):
+        raise ValueError(f"payload {name} is not a whole rANS stream of this model (its symbols re-encode "
+                         "to other bytes): truncated, shifted or forged")
+    return symbols
+
+
+# -----------------------------------------------------------------------------
+# the container
+
+
+def varint(n):
+    """Unsigned LEB128: 7 bits a byte, low bits first, high bit set on all but the last byte."""
+    out = bytearray()
+    while True:
+        out.append((n & 0x7F) | (0x80 if n > 0x7F else 0))
+        n >>= 7
+        if not n:
+            return bytes(out)
+
+
+def read_varint(data, pos, name):
+    """(value, next position) of a varint of at most 3 bytes (< 2^21) at data[pos]."""
+    value = 0
+    for k in range(3):
+        if pos + k >= len(data):
+            raise ValueError(f"truncated bitstream: the header ends inside {name}")
+        value |= (data[pos + k] & 0x7F) << (7 * k)
+        if not data[pos + k] & 0x80:
+            return value, pos + k + 1
+    raise ValueError(f"malformed header: {name} is longer than 3 bytes")
+
+
+def pack(b_h, b_r, image_size, model_id):
+    """The container (module docstring): header, check value, b_h, b_r."""
+    head = MAGIC + bytes([VERSION]) + struct.pack(">H", model_id & 0xFFFF)
+    head += varint(image_size[0]) + varint(image_size[1]) + varint(len(b_h))
+    check = zlib.crc32(b_h + b_r, zlib.crc32(head, zlib.crc32(struct.pack(">I", model_id))))
+    return head + struct.pack(">I", check) + b_h + b_r
+
+
+def unpack(data, model_id):
+    """Parse and check one container for the model `model_id`; raises ValueError naming what
+    is wrong. Nothing is decoded here, and nothing is allocated beyond the string itself."""
     if not isinstance(data, (bytes, bytearray)):
         raise ValueError(f"expected bytes, got {type(data).__name__}")
-    if len(data) < HEADER.size:
-        raise ValueError(f"truncated bitstream: {len(data)} bytes, the header alone is {HEADER.size}")
-    magic, version, H, W, n, rh, rw, hh, hw, len_h, len_r, mid, crc = HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise ValueError(f"not a {MAGIC.decode()} bitstream (magic {magic!r}, expected {MAGIC!r})")
-    if version != VERSION:
-        raise ValueError(f"bitstream format version {version}; this decoder reads version {VERSION}")
-    if len(data) != HEADER.size + len_h + len_r:
-        what = "truncated" if len(data) < HEADER.size + len_h + len_r else "trailing bytes in"
-        raise ValueError(f"{what} bitstream: header announces {HEADER.size + len_h + len_r} bytes, "
-                         f"got {len(data)}")
-    payload = bytes(data[HEADER.size:])
-    if zlib.crc32(payload, zlib.crc32(bytes(data[:HEADER.size - 4]))) != crc:
-        raise ValueError("corrupted bitstream: CRC32 of header and payload does not match")
-    if model_id is not None and mid != model_id:
-        raise ValueError(f"bitstream was written by another model (model id {mid:08x}, this "
-                         f"decoder is {model_id:08x}): decode it with the checkpoint that encoded it")
-    if N is not None and n != N:
-        raise ValueError(f"bitstream has {n} latent channels, the decoder expects {N}")
-    if (hh, hw) != (-(-rh // 4), -(-rw // 4)):
-        raise ValueError(f"inconsistent latent shapes in header: r {rh}x{rw}, h {hh}x{hw}")
-    return {"image_size": (H, W), "r_size": (rh, rw), "h_size": (hh, hw),
-            "b_h": payload[:len_h], "b_r": payload[len_h:]}
+    data = bytes(data)
+    if data[:4] == b"DSSJ":
+        raise ValueError("a version-1 bitstream (35-byte header); this decoder reads version 2: "
+                         "re-encode the images (evaluate.py --save-bitstreams)")
+    if len(data) < 3:
+        raise ValueError(f"truncated bitstream: {len(data)} bytes")
+    if data[:2] != MAGIC:
+        raise ValueError(f"not a DSSJ bitstream (magic {data[:2]!r}, expected {MAGIC!r})")
+    if data[2] != VERSION:
+        raise ValueError(f"bitstream format version {data[2]}; this decoder reads version {VERSION}")
+    if len(data) < 5:
+        raise ValueError(f"truncated bitstream: {len(data)} bytes")
+    tag = struct.unpack(">H", data[3:5])[0]
+    H, pos = read_varint(data, 5, "the image height")
+    W, pos = read_varint(data, pos, "the image width")
+    len_h, pos = read_varint(data, pos, "the length of b_h")
+    if len(data) < pos + 4:
+        raise ValueError(f"truncated bitstream: {len(data)} bytes, the header alone is {pos + 4}")
+    check = struct.unpack(">I", data[pos:pos + 4])[0]
+    head, payload = data[:pos], data[pos + 4:]
+    if zlib.crc32(payload, zlib.crc32(head, zlib.crc32(struct.pack(">I", model_id)))) != check:
+        if tag != model_id & 0xFFFF:
+            raise ValueError(f"bitstream was written by another model (model tag {tag:04x}, this decoder's is "
+                             f"{model_id & 0xFFFF:04x}): decode it with the checkpoint that encoded it")
+        raise ValueError("corrupted bitstream: the check value does not match (damaged, cut or extended "
+                         "in transit)")
+    # a valid check value says only that the sender knows our model id: the rest is checked too
+    if not (1 <= H and 1 <= W and H * W <= MAX_IMAGE_PIXELS):
+        raise ValueError(f"bitstream declares a {H}x{W} image; this decoder takes 1 to {MAX_IMAGE_PIXELS} "
+                         "pixels (entropy.MAX_IMAGE_PIXELS, evaluate.py --max-image-pixels)")
+    b_h, b_r = payload[:len_h], payload[len_h:]
+    for name, b in (("b_h", b_h), ("b_r", b_r)):
+        if len(b) < 8 or len(b) % 4:
+            raise ValueError(f"payload {name} of {len(b)} bytes cannot be an rANS stream (whole 32-bit "
+                             "words, at least 8 bytes): truncated or forged")
+    return {"image_size": (H, W), "b_h": b_h, "b_r": b_r}

@@ -18,6 +18,7 @@ import math
 import os
 import re
 import resource
+import sys
 import time
 
 import numpy as np
@@ -26,6 +27,7 @@ import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
 from torch.utils.flop_counter import FlopCounterMode
 
+import entropy
 from data import DATASETS, colorize, denormalize, normalize, preset, val_dataset
 from entropy import bits_per_pixel
 from model import build_model, load_checkpoint
@@ -69,7 +71,8 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
     cm = torch.zeros(S, S, dtype=torch.int64)
-    stats = torch.zeros(4, dtype=torch.float64)  # real bits, estimated bits, pixels, images
+    stats = torch.zeros(5, dtype=torch.float64)  # real bits, estimated bits, pixels, images, refused
+    refused = None
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
@@ -77,10 +80,14 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
         logits = out["logits"]
         if compressed:
             stats[1] += bits_per_pixel(out["likelihoods"], pixels).item() * pixels
-        if compressed and real_bits:
-            strings = model.compress(x)  # the edge
-            stats[0] += 8 * sum(len(s) for s in strings)
-            logits = model.decompress(strings)  # the cloud, from the bytes alone
+        if compressed and real_bits and refused is None:
+            try:
+                strings = model.compress(x)  # the edge
+            except ValueError as e:  # latents the coder cannot take (an untrained or diverged
+                refused, stats[4] = str(e), 1  # model): no real bits; masks of the eval forward
+            else:
+                stats[0] += 8 * sum(len(s) for s in strings)
+                logits = model.decompress(strings)  # the cloud, from the bytes alone
         cm += confusion_matrix(logits.argmax(1), y, S)
         stats[2] += pixels
         stats[3] += x.shape[0]
@@ -90,9 +97,11 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
         dist.all_reduce(stats)
         cm, stats = cm.cpu(), stats.cpu()
     miou, per_class = iou(cm)
+    coded = compressed and real_bits and stats[4] == 0
     return {"miou": miou, "iou": per_class, "n_images": int(stats[3]),
-            "bpp_real": (stats[0] / stats[2]).item() if compressed and real_bits else None,
-            "bpp_est": (stats[1] / stats[2]).item() if compressed else None}
+            "bpp_real": (stats[0] / stats[2]).item() if coded else None,
+            "bpp_est": (stats[1] / stats[2]).item() if compressed else None,
+            **({"refused": refused or "on another process"} if stats[4] else {})}
 
 
 # -----------------------------------------------------------------------------
@@ -132,6 +141,9 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
                 raise ValueError(f"not a bitstream file of this split ({split}_NNNNN{SUFFIX})")
             if int(match[1]) >= len(dataset):
                 raise ValueError(f"the {split} split has no image {int(match[1])}")
+            # the encoder writes at most 32 bits a latent symbol: no container under the cap is larger
+            if os.path.getsize(path) > model.hyperprior.N * entropy.MAX_IMAGE_PIXELS // 32 + 1024:
+                raise ValueError(f"{os.path.getsize(path)} bytes: larger than any bitstream of this model")
             with open(path, "rb") as f:
                 data = f.read()
             logits = model.decompress([data])
@@ -139,7 +151,7 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
             if logits.shape[-2:] != y.shape:
                 raise ValueError(f"decodes to {tuple(logits.shape[-2:])}, but image {int(match[1])} "
                                  f"is {tuple(y.shape)}")
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             print(f"refused {name}: {e}")
             refused.append((name, str(e)))
             continue
@@ -193,6 +205,9 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, qualities=
         cfg = ckpt["args"]
         ds, _ = val_dataset(cfg, split, limit, data_root)
         m = evaluate(model, ds, device)
+        if "refused" in m:
+            print(f"{path}: left out, it has no bitstream: {m['refused']}")
+            continue
         coded = cfg["decoder"] != "none"  # alpha and K mean nothing without compression
         rows.append({"checkpoint": path, "dataset": cfg["dataset"], "method": cfg["decoder"],
                      "alpha": cfg.get("alpha") if coded else None, "K": cfg["K"] if coded else None,
@@ -511,12 +526,15 @@ def get_args_parser():
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="benchmark input size")
     p.add_argument("--repeat", type=int, default=3, help="benchmark runs after one warm-up")
     # system
+    p.add_argument("--max-image-pixels", type=int, default=entropy.MAX_IMAGE_PIXELS,
+                   help="the largest image a bitstream may declare (default %(default)s: 2048x4096)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def main(args):
     out = None
+    entropy.MAX_IMAGE_PIXELS = args.max_image_pixels  # as PIL.Image.MAX_IMAGE_PIXELS
     if args.complexity:
         out = complexity(args.dataset, args.K)
         print_complexity(out)
@@ -544,6 +562,8 @@ def main(args):
             print(f"edge: wrote {n} bitstreams, {total} bytes, to {args.save_bitstreams}")
         elif args.from_bitstreams:
             out = from_bitstreams(model, ds, args.from_bitstreams, args.device, args.split)
+            if out["n_images"] == 0:
+                raise ValueError(f"no bitstream in {args.from_bitstreams} decoded ({out['n_refused']} refused)")
             print(f"cloud: {out['n_images']} bitstreams decoded, {out['n_refused']} refused; "
                   f"mIoU {out['miou']:.4f}, bpp (file bytes) {out['bpp_real']:.4f}")
         else:
@@ -553,7 +573,9 @@ def main(args):
             for name, v in zip(full.classes, out["iou"]):
                 print(f"  {name:16s} {v:.4f}")
             line = f"{args.split} ({out['n_images']} images): mIoU {out['miou']:.4f}"
-            if out["bpp_real"] is not None:
+            if "refused" in out:
+                line += f" (eval forward); no bitstream: {out['refused']}"
+            elif out["bpp_real"] is not None:
                 out["bpp_ratio"] = out["bpp_real"] / out["bpp_est"]
                 line += (f", bpp (real bytes) {out['bpp_real']:.4f}, bpp (likelihoods) {out['bpp_est']:.4f}, "
                          f"ratio {out['bpp_ratio']:.3f}")
@@ -569,4 +591,7 @@ def main(args):
 
 
 if __name__ == "__main__":
-    main(get_args_parser().parse_args())
+    try:
+        main(get_args_parser().parse_args())
+    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        sys.exit(f"error: {e}")

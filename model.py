@@ -293,11 +293,7 @@ class DistributedSegmenter(nn.Module):
         """Cloud: byte strings of images of one size -> logits (B, S, H, W)."""
         if self.decoder == "none":
             raise ValueError("the No Compression model sends no bitstream")
-        r_hat, image_size = self.hyperprior.decompress(strings)
-        expected = tuple(-(-s // 16) for s in image_size)
-        if tuple(r_hat.shape[-2:]) != expected:
-            raise ValueError(f"bitstream r^ is {tuple(r_hat.shape[-2:])}, but an image of "
-                             f"{image_size} needs {expected}")
+        r_hat, image_size = self.hyperprior.decompress(strings)  # refuses any bad string
         return self.cloud_head(r_hat, image_size)
 
 
@@ -318,9 +314,9 @@ def load_encoder_weights(encoder, path):
     """Load a local state dict into E: a torchvision ResNet (e.g. the ImageNet weights; fc is
     not used), a torchvision DeepLabv3 checkpoint (its "backbone." tensors) or a train.py
     checkpoint (its "E." tensors, e.g. of a No Compression model). Nothing is downloaded.
-    Raises if E's tensors are missing or shaped otherwise; returns the keys of the file that
-    E does not use."""
-    sd = torch.load(path, map_location="cpu")
+    Raises ValueError if E's tensors are missing or shaped otherwise; returns the keys of the
+    file that E does not use."""
+    sd = read_weights(path)
     if isinstance(sd.get("model"), dict):  # a training checkpoint that wraps its state dict
         sd = sd["model"]
     for prefix in ("backbone.", "E."):
@@ -349,11 +345,38 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
+def read_weights(path):
+    """torch.load with weights_only=True: tensors and plain containers, never code, whatever
+    the torch version's default. ValueError naming the file if it is not such a file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file at {path!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling hostile bytes can fail in many ways; none may run code
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else "empty or cut short"
+        raise ValueError(f"{path} is not a readable PyTorch weights file ({type(e).__name__}: {reason})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+    return obj
+
+
+def read_checkpoint(path):
+    """A train.py / reparam.py checkpoint dict ("model", "args", ...), loaded safely."""
+    ckpt = read_weights(path)
+    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("args"), dict):
+        what = "a plain state dict" if all(isinstance(v, torch.Tensor) for v in ckpt.values()) else "a dict"
+        raise ValueError(f"{path} is {what}, not a checkpoint of train.py or reparam.py (it has no "
+                         "'model' and 'args'); a state dict for E goes to --encoder-weights")
+    return ckpt
+
+
 def load_checkpoint(path, device="cpu"):
     """(model in eval mode on `device`, checkpoint dict) from a train.py/reparam.py file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no checkpoint at {path!r}")
-    ckpt = torch.load(path, map_location="cpu")
+    ckpt = read_checkpoint(path)
     model = build_model(ckpt["args"])
-    model.load_state_dict(ckpt["model"])
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its weights do not fit the model its settings describe "
+                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
     return model.to(device).eval(), ckpt

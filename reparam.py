@@ -13,6 +13,7 @@ around its centre tap, and dilation leaves the centre tap where it is.
 """
 import argparse
 import copy
+import sys
 
 import torch
 import torch.nn as nn
@@ -103,4 +104,7 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
+        sys.exit(f"error: {e}")

@@ -217,20 +217,22 @@ def test_checkpoint_reload_decodes(coded):
 
 
 def test_corrupt_strings_refused(coded):
-    """Truncated, bit-flipped, wrong-magic, wrong-version, trailing-byte and foreign-model
-    strings raise ValueError naming the problem; so does a flip of any bit of sampled bytes."""
+    """Truncated, bit-flipped, extended, wrong-magic, wrong-version, version-1 and
+    foreign-model strings raise ValueError naming the problem; so does a flip of any bit of
+    sampled bytes."""
     model, x, strings = coded
     s = strings[0]
     cases = {
-        "truncated": s[:-5],
-        "header": s[:10],
-        "magic": b"JPEG" + s[4:],
-        "version": s[:4] + b"\x07" + s[5:],
-        "trailing": s + b"\x00",
-        "corrupted": s[:40] + bytes([s[40] ^ 0x10]) + s[41:],
+        "truncated": s[:8],
+        "magic": b"JP" + s[2:],
+        "version": s[:2] + b"\x07" + s[3:],
+        "version-1": b"DSSJ\x01" + s,
+        "corrupted": s[:-5],  # cut in transit: the check value no longer matches
+        "corrupted ": s + b"\x00",  # extended in transit
+        "corrupted  ": s[:20] + bytes([s[20] ^ 0x10]) + s[21:],
     }
     for word, bad in cases.items():
-        with pytest.raises(ValueError, match=word):
+        with pytest.raises(ValueError, match=word.strip()):
             model.decompress([bad])
     # a flip of any of the 8 bits of a sampled set of bytes (header and payload) is caught
     for i in sorted(set(range(0, len(s), 5)) | {len(s) - 1}):
@@ -243,14 +245,157 @@ def test_corrupt_strings_refused(coded):
         other.decompress([s])
 
 
-def test_header_fields(coded):
-    """The header records the image size, latent shapes and payload lengths."""
+def test_rans_bytes_are_compressais(coded):
+    """Our rANS calls (only the CDF rows a string uses go to the C++ coder) write exactly the
+    bytes of CompressAI's own EntropyBottleneck.compress and GaussianConditional.compress."""
     model, x, strings = coded
-    fields = entropy.unpack(strings[0])
-    assert fields["image_size"] == (70, 99) and fields["r_size"] == (5, 7)
-    assert fields["h_size"] == (2, 2)
-    assert len(strings[0]) == entropy.HEADER.size + len(fields["b_h"]) + len(fields["b_r"])
-    assert struct.unpack(">H", strings[0][9:11])[0] == 64
+    hp = model.hyperprior
+    with torch.no_grad():
+        r, h = model.SE(model.E(x))
+    medians = hp.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1)
+    assert entropy.rans_encode(hp.entropy_bottleneck, torch.round(h - medians), hp._channel_indexes(h)) == \
+        hp.entropy_bottleneck.compress(h)
+    indexes = hp.gaussian_conditional.build_indexes(torch.rand_like(r) * 5)
+    assert entropy.rans_encode(hp.gaussian_conditional, torch.round(r), indexes) == \
+        hp.gaussian_conditional.compress(r, indexes)
+
+
+def test_header_v2(coded):
+    """The version-2 header: magic, version, model tag, H and W and len(b_h) as varints, the
+    check value; at most 16 bytes; the latent sizes follow from the image size."""
+    model, x, strings = coded
+    model_id = model.hyperprior.model_id()
+    fields = entropy.unpack(strings[0], model_id)
+    assert fields["image_size"] == (70, 99)
+    header = len(strings[0]) - len(fields["b_h"]) - len(fields["b_r"])
+    assert strings[0][:3] == b"DJ\x02" and header <= 16
+    assert struct.unpack(">H", strings[0][3:5])[0] == model_id & 0xFFFF
+    assert strings[0][5:7] == bytes([70, 99])  # one varint byte each below 128
+    assert entropy.latent_size((70, 99)) == (5, 7) and entropy.hyper_size((70, 99)) == (2, 2)
+    for n in (0, 1, 127, 128, 300, 16383, 2**21 - 1):
+        assert entropy.read_varint(entropy.varint(n), 0, "n") == (n, len(entropy.varint(n)))
+
+
+# hostile input: every byte string is decoded or refused with a ValueError, never a crash
+
+FUZZ = r"""
+import random, sys, time, torch
+import entropy
+from model import DistributedSegmenter
+torch.manual_seed(0)
+torch.set_num_threads(1)
+model = DistributedSegmenter("jd", 5, 64, 1, "resnet18-l2", N=8, dilations=(1, 2, 3)).eval()
+model.hyperprior.update()
+mid = model.hyperprior.model_id()
+x = torch.randn(2, 3, 64, 96)
+valid = model.compress(x)
+fields = [entropy.unpack(s, mid) for s in valid]
+rng = random.Random(0)
+def rand(n):
+    return bytes(rng.getrandbits(8) for _ in range(n))
+def forge(b_h, b_r, size=(64, 96)):  # a container whose check value is right for this model
+    return entropy.pack(b_h, b_r, size, mid)
+def mutations():
+    for _ in range(250):
+        f = rng.choice(fields)
+        b, k = f["b_h"] + f["b_r"], rng.randrange(-24, 25)
+        yield forge(b[:len(f["b_h"]) + k], b[len(f["b_h"]) + k:])  # lengths shifted
+        yield forge(f["b_r"], f["b_h"])  # swapped
+        yield forge(rng.choice([b"", f["b_h"]]), rng.choice([b"", f["b_r"][:rng.randrange(12)]]))  # empty, short
+        yield forge(f["b_h"], f["b_r"], (rng.randrange(1, 300), rng.randrange(1, 300)))  # other sizes
+        yield forge(f["b_h"], f["b_r"], rng.choice([(65535, 65535), (4096, 4096), (1, 2**20), (0, 96)]))
+        yield forge(rand(rng.randrange(0, 16)), rand(rng.randrange(0, 16)))  # short random payloads
+        yield forge(f["b_h"], rand(4 * rng.randrange(2, 300)))  # random b_r after a valid b_h
+        yield forge(rand(4 * rng.randrange(2, 40)), rand(4 * rng.randrange(2, 300)))
+        yield forge(f["b_h"], f["b_r"][:-4 * rng.randrange(1, 4)])  # cut short, check fixed
+        b = bytearray(f["b_r"])
+        b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
+        yield forge(f["b_h"], bytes(b))  # a flipped bit, check fixed
+        yield rand(rng.randrange(0, 64))  # noise
+n = decoded = 0
+t0 = time.time()
+for s in mutations():
+    try:
+        out = model.decompress([s])
+        size = entropy.unpack(s, mid)["image_size"]
+        assert out.shape == (1, 5, *size), out.shape
+        decoded += 1
+    except ValueError:
+        pass
+    n += 1
+print(f"{n} strings, {decoded} decoded, {n - decoded} refused, {time.time() - t0:.1f} s")
+"""
+
+
+def test_fuzz_decompress_never_crashes():
+    """2750 structured mutations with the check value recomputed (shifted, swapped, empty and
+    short payloads, other and huge sizes, random payloads after a valid header, cut streams,
+    flipped bits) and noise: each is decoded to masks of its declared size or refused with a
+    ValueError. In a subprocess, so that a crash of the C++ decoder fails the test."""
+    proc = subprocess.run([sys.executable, "-c", FUZZ], cwd=HERE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    n, decoded = map(int, re.search(r"(\d+) strings, (\d+) decoded", proc.stdout).groups())
+    assert n == 2750 and decoded < n
+
+
+def test_bomb_refused_before_decoding(coded):
+    """A small string declaring a 65535x65535 image (or anything over MAX_IMAGE_PIXELS) is
+    refused from its header, with a valid check value and real payloads."""
+    model, x, strings = coded
+    mid = model.hyperprior.model_id()
+    f = entropy.unpack(strings[0], mid)
+    for size in [(65535, 65535), (4096, 4096)]:
+        with pytest.raises(ValueError, match="declares a"):
+            model.decompress([entropy.pack(f["b_h"], f["b_r"], size, mid)])
+    limit = entropy.MAX_IMAGE_PIXELS
+    try:
+        entropy.MAX_IMAGE_PIXELS = 70 * 98
+        with pytest.raises(ValueError, match="1 to 6860 pixels"):
+            model.decompress(strings[:1])
+    finally:
+        entropy.MAX_IMAGE_PIXELS = limit
+
+
+def test_empty_payloads_refused(coded):
+    """A header with a valid check value and empty (or not whole-word) payloads is refused
+    before the C++ decoder could read past them."""
+    model, x, strings = coded
+    mid = model.hyperprior.model_id()
+    f = entropy.unpack(strings[0], mid)
+    for b_h, b_r in [(b"", b""), (f["b_h"], b""), (b"", f["b_r"]), (f["b_h"], f["b_r"][:-3])]:
+        s = entropy.pack(b_h, b_r, (70, 99), mid)
+        with pytest.raises(ValueError, match="cannot be an rANS stream"):
+            model.decompress([s])
+    assert len(entropy.pack(b"", b"", (70, 99), mid)) == 12
+
+
+ENCODER_OVERFLOW = r"""
+import torch
+from model import DistributedSegmenter
+torch.manual_seed(0)
+model = DistributedSegmenter("jd", 5, 64, 1, "resnet18-l2", dilations=(1, 2, 3)).eval()
+model.hyperprior.update()
+r, h = torch.randn(1, 64, 4, 6), torch.randn(1, 64, 1, 2)
+for name, (r_, h_) in {"h": (r, h * 1.4e9), "r": (r * 2e8, h), "r mean": (r.sign() * 3000, h)}.items():
+    try:
+        model.hyperprior.compress(r_, h_, (64, 96))
+        print(name, "coded")
+    except ValueError as e:
+        print(name, "refused:", e)
+"""
+
+
+def test_encoder_refuses_latents_it_cannot_code():
+    """Latents of an untrained or diverged model (|h| up to 1.4e9, |r| up to 2e8, or every
+    |r| = 3000, which would overrun the encoder's buffer) are refused with a ValueError,
+    instead of CompressAI's encoder looping forever or writing past its buffer. In a
+    subprocess with a time limit, since the failure mode is a hang."""
+    proc = subprocess.run([sys.executable, "-c", ENCODER_OVERFLOW], cwd=HERE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout
+    for name in ("h", "r", "r mean"):
+        assert re.search(rf"^{name} refused: cannot code .* untrained or diverged", proc.stdout, re.M), proc.stdout
 
 
 def test_real_bits_match_likelihood_bits():
@@ -282,7 +427,8 @@ def test_real_bits_match_likelihood_bits():
         _, p = coder(r, h)
         est_bits = bits_per_pixel(p, 1).item()  # Eq. (1) times the pixels: bits
         strings = coder.compress(r, h, (256, 256))
-    real_bits = 8 * sum(len(s) - entropy.HEADER.size for s in strings)
+    model_id = coder.model_id()
+    real_bits = 8 * sum(len(f["b_h"]) + len(f["b_r"]) for f in (entropy.unpack(s, model_id) for s in strings))
     assert abs(real_bits / est_bits - 1) < 0.10, (real_bits, est_bits)
 
 
@@ -516,6 +662,64 @@ def test_evaluate_cli_json(ckpts, tmp_path):
         assert m["bpp_est"] == pytest.approx(bits_per_pixel(model(x)["likelihoods"], x.numel() / 3).item(), rel=1e-5)
 
 
+class Exploit:
+    """Unpickling this would create a file: what a crafted checkpoint can do without weights_only."""
+
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_checkpoints_load_safely(ckpts, tmp_path):
+    """A real checkpoint loads with weights_only=True; empty, truncated, text, plain-state-dict
+    and code-carrying files are refused with one clear line naming the file, and the code in
+    a crafted file never runs, also through the command-line tools."""
+    from model import read_checkpoint
+    assert read_checkpoint(ckpts["jd"])["args"]["decoder"] == "jd"
+    data = open(ckpts["jd"], "rb").read()
+    (tmp_path / "empty.pt").write_bytes(b"")
+    (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    torch.save(tiny_model("jd").state_dict(), tmp_path / "plain.pt")
+    torch.save({"model": Exploit(str(tmp_path / "pwned")), "args": {}}, tmp_path / "evil.pt")
+    for name, message in [("empty", "not a readable"), ("cut", "not a readable"), ("text", "not a readable"),
+                          ("plain", "a plain state dict, not a checkpoint"), ("evil", "not a readable")]:
+        path = str(tmp_path / f"{name}.pt")
+        with pytest.raises(ValueError, match=message) as e:
+            load_checkpoint(path)
+        assert path in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "pwned").exists()
+    for argv in (["evaluate.py", "--ckpt"], ["reparam.py", "--out", str(tmp_path / "d.pt"), "--ckpt"]):
+        proc = subprocess.run([sys.executable, *argv, str(tmp_path / "evil.pt")], cwd=HERE,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=120)
+        assert proc.returncode != 0 and proc.stdout.startswith("error: ") and "Traceback" not in proc.stdout
+    proc = run_train("--resume", str(tmp_path / "cut.pt"), check=False)
+    assert proc.returncode != 0 and "--resume:" in proc.stdout and "Traceback" not in proc.stdout
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_cli_refuses_bad_settings(tmp_path):
+    """alpha outside (0, 1], K < 0, negative iterations and an out-dir that cannot be written
+    each stop train.py with one line (SystemExit with a message, not a traceback), before
+    any training."""
+    import runpy
+    (tmp_path / "file").write_text("")
+    for argv, message in [(["--alpha", "-1"], "--alpha -1.0: must be in (0, 1]"),
+                          (["--alpha", "2"], "--alpha 2.0: must be in (0, 1]"),
+                          (["--K", "-1"], "--K -1:"), (["--max-iters", "-5"], "--max-iters -5:"),
+                          (["--out-dir", str(tmp_path / "file" / "sub")], "cannot write there")]:
+        argv0 = sys.argv
+        try:  # in this process (the imports are loaded already): train.py must exit with the message
+            sys.argv = ["train.py", *argv, "--val-limit", "2", "--num-workers", "0"]
+            with pytest.raises(SystemExit) as e:
+                runpy.run_path(os.path.join(HERE, "train.py"), run_name="__main__")
+        finally:
+            sys.argv = argv0
+        assert message in str(e.value.code), e.value.code
+
+
 def test_miou_known_value():
     """A hand-made confusion: label 255 is ignored, IoU = TP / (TP + FP + FN), absent classes
     drop out of the mean."""
@@ -530,7 +734,8 @@ def test_miou_known_value():
 
 def test_bitstreams_on_disk(ckpts, tmp_path):
     """The edge writes one file per image; the cloud decodes them to the in-process masks;
-    corrupt, foreign and misnamed files are refused by name and counted."""
+    corrupt, foreign and misnamed files are refused by name and counted; evaluate.py exits
+    non-zero when no file decodes."""
     model, ckpt = load_checkpoint(ckpts["jd"])
     ds, _ = val_dataset(ckpt["args"], limit=4)
     n, total = save_bitstreams(model, ds, str(tmp_path), "cpu")
@@ -552,6 +757,10 @@ def test_bitstreams_on_disk(ckpts, tmp_path):
     assert m["n_images"] == 2 and m["n_refused"] == 3
     assert {name for name, _ in m["refused"]} == {"val_00001.dssj", "val_00002.dssj", "notes.txt"}
     assert from_bitstreams(other, ds, str(tmp_path), "cpu")["n_images"] == 0  # another model's files
+    proc = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path.parent / "other.pt"),
+                           "--from-bitstreams", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, timeout=120)
+    assert proc.returncode != 0 and "error: no bitstream in" in proc.stdout  # none decodes: exit non-zero
 
 
 def test_jpeg_rates(ckpts):
@@ -770,6 +979,27 @@ def test_coco_labels(coco_root):
     train = get_dataset("coco", "train", str(root), crop=32)
     assert train.ids == [1, 3, 4]
     assert train[(0, 0)][0].shape == (3, 32, 32)
+
+
+def test_coco_degenerate_annotations(coco_root, tmp_path):
+    """Polygon parts of fewer than 6 coordinates and empty segmentations are skipped with one
+    warning that counts them and names the first image and annotation; the rest of the
+    annotation still counts. An annotation without 'area' is a clear error."""
+    root, expected = coco_root
+    anns = json.load(open(root / "annotations" / "instances_val2017.json"))
+    person = anns["annotations"][0]  # the person polygon of image 1
+    person["segmentation"] = person["segmentation"] + [[1, 1, 2, 2]]  # a 4-coordinate part
+    anns["annotations"] += [dict(person, id=90, segmentation=[]), dict(person, id=91, segmentation=[[3, 3, 4, 4]])]
+    (tmp_path / "annotations").mkdir()
+    (tmp_path / "val2017").symlink_to(root / "val2017")
+    json.dump(anns, open(tmp_path / "annotations" / "instances_val2017.json", "w"))
+    with pytest.warns(UserWarning, match=r"skipped 2 polygon parts .* and 2 annotations .* image 1, annotation 1\)"):
+        ds = get_dataset("coco", "val", str(tmp_path))
+    assert np.array_equal(ds.label(1), expected)
+    del anns["annotations"][2]["area"]
+    json.dump(anns, open(tmp_path / "annotations" / "instances_val2017.json", "w"))
+    with pytest.raises(ValueError, match="annotation 3 of image 1 has no 'area'"):
+        get_dataset("coco", "val", str(tmp_path))
 
 
 def test_train_on_fixtures(cityscapes_root, coco_root, tmp_path):

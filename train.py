@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from data import DATASETS, PRESETS, get_dataset, preset
 from entropy import bits_per_pixel, split_parameters
 from evaluate import evaluate
-from model import MODEL_KEYS, build_model, load_encoder_weights, save_checkpoint
+from model import MODEL_KEYS, build_model, load_encoder_weights, read_checkpoint, save_checkpoint
 
 sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also through a pipe
 
@@ -98,9 +98,10 @@ p.add_argument("--print-config", action="store_true", help="print the resolved s
 cli = vars(p.parse_args())
 print_config = cli.pop("print_config", False)
 if "resume" in cli:  # settings come from the checkpoint; the model's may not change
-    if not os.path.isfile(cli["resume"]):
-        sys.exit(f"--resume: no checkpoint at {cli['resume']}")
-    ckpt = torch.load(cli["resume"], map_location="cpu")
+    try:
+        ckpt = read_checkpoint(cli["resume"])
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"--resume: {e}")
     if ckpt["args"].get("deployed"):
         sys.exit(f"{cli['resume']} is a deployed (fused) checkpoint for inference; resume from the training one")
     differ = [f"--{k.replace('_', '-')} {cli[k]} (checkpoint: {ckpt['args'].get(k)})"
@@ -120,6 +121,18 @@ if args.edge_from and (args.encoder_weights or "alpha" in cli):
     sys.exit("--edge-from brings the whole edge and its rate point: drop --encoder-weights and --alpha")
 if args.dataset != "synthetic" and "size" in cli:
     sys.exit("--size sets the synthetic scenes' size; the real datasets take --crop")
+for bad, message in [  # user errors: one line each, before anything is built
+        (not 0 < args.alpha <= 1, f"--alpha {args.alpha}: must be in (0, 1]; Eq. (3) weighs the CE by alpha"),
+        (args.K < 0, f"--K {args.K}: the branches per sub-block must be 0 (plain ASPP) or more"),
+        (args.decoder == "jd" and args.F % 64, f"--F {args.F}: JD's DWUpConv has 64 groups, so F must be a "
+                                               "multiple of 64"),
+        (args.max_iters is not None and args.max_iters < 0, f"--max-iters {args.max_iters}: must be 0 or more"),
+        (args.epochs is not None and args.epochs < 1, f"--epochs {args.epochs}: must be 1 or more"),
+        (args.batch_size < 1, f"--batch-size {args.batch_size}: must be 1 or more"),
+        (args.lr <= 0 or args.lr_aux <= 0, "--lr and --lr-aux must be positive"),
+        (args.eval_interval < 1 or args.log_interval < 1, "--eval-interval and --log-interval must be 1 or more")]:
+    if bad:
+        sys.exit(message)
 if print_config:
     print(json.dumps(vars(args), indent=2))
     print("fixed in the code: Adam betas (0.9, 0.99), weight decay 0, poly LR power 0.9, Kaiming init"
@@ -151,8 +164,11 @@ if batch < 2:
 # -----------------------------------------------------------------------------
 # data
 
-train_ds = get_dataset(args.dataset, "train", args.data_root, args.crop, args.seed, args.size)
-val_ds = get_dataset(args.dataset, "val", args.data_root, None, args.seed, args.size)
+try:
+    train_ds = get_dataset(args.dataset, "train", args.data_root, args.crop, args.seed, args.size)
+    val_ds = get_dataset(args.dataset, "val", args.data_root, None, args.seed, args.size)
+except (ValueError, FileNotFoundError) as e:  # missing data: the message shows the layout
+    sys.exit(str(e))
 if args.val_limit:
     val_ds = torch.utils.data.Subset(val_ds, range(min(args.val_limit, len(val_ds))))
 if args.epochs and "max_iters" not in cli:  # COCO's recipe counts epochs
@@ -183,15 +199,19 @@ def train_batches(start_iter):
 torch.manual_seed(args.seed)
 model = build_model(vars(args))
 if args.encoder_weights and not args.resume:
-    ignored = load_encoder_weights(model.E, args.encoder_weights)
+    try:
+        ignored = load_encoder_weights(model.E, args.encoder_weights)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"--encoder-weights: {e}")
     if master:
         print(f"E initialized from {args.encoder_weights}; keys not used: {', '.join(ignored) or 'none'}")
 EDGE = ("E", "SE", "hyperprior")  # what makes the bitstreams (HD too: both ends need it)
 edge = [getattr(model, name) for name in EDGE] if args.edge_from else []
 if args.edge_from and not args.resume:
-    if not os.path.isfile(args.edge_from):
-        sys.exit(f"--edge-from: no checkpoint at {args.edge_from}")
-    src = torch.load(args.edge_from, map_location="cpu")
+    try:
+        src = read_checkpoint(args.edge_from)
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(f"--edge-from: {e}")
     if src["args"]["decoder"] == "none":
         sys.exit(f"--edge-from {args.edge_from}: a No Compression checkpoint has no edge codec")
     differ = [f"{k} {src['args'].get(k)} (this run: {getattr(args, k)})"
@@ -248,8 +268,14 @@ def checkpoint():
 # -----------------------------------------------------------------------------
 # training loop
 
-if master:
-    os.makedirs(args.out_dir, exist_ok=True)
+if master:  # a place to write, checked before any training
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(args.out_dir, ".write_test"))
+    except OSError as e:
+        sys.exit(f"--out-dir {args.out_dir}: cannot write there ({e.strerror or e})")
     n_params = sum(p.numel() for p in raw_model.parameters())
     print(f"{args.decoder} on {args.dataset}: {n_params / 1e6:.2f} M parameters, {world_size} process(es) "
           f"on {device}, batch {args.batch_size}, {args.max_iters} iterations from {iter_num}")
@@ -324,7 +350,9 @@ m = evaluate(raw_model, val_ds, device, real_bits=True, rank=rank, world_size=wo
 if master:
     checkpoint()
     line = f"final val ({m['n_images']} images): mIoU {m['miou']:.4f}"
-    if compress:
+    if compress and "refused" in m:
+        line += f" (eval forward), bpp (likelihoods) {m['bpp_est']:.4f}; no bitstream: {m['refused']}"
+    elif compress:
         line += (f", bpp (real bytes) {m['bpp_real']:.4f}, bpp (likelihoods) {m['bpp_est']:.4f}"
                  f", ratio {m['bpp_real'] / m['bpp_est']:.3f}")
     print(line)
