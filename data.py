@@ -416,6 +416,7 @@ class COCOVOC(torch.utils.data.Dataset):
 DATASETS = ("synthetic", "cityscapes", "coco")
 PRESETS = {  # setting: (synthetic, cityscapes, coco)
     "encoder": ("resnet18-l2", "resnet50", "resnet50"),  # E (model.py)
+    "encoder_weights": ("none", "imagenet", "imagenet"),  # E's start: torchvision's weights API
     "K": (3, 3, 1),  # over-parameterization repetitions (Fig. 4)
     "F": (64, 512, 256),  # ASPP width of JD and D
     # JD's ASPP dilations: on the demo's 8x16 latent, (5, 10, 15) would mostly see padding

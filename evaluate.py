@@ -450,9 +450,8 @@ def complexity(dataset, K=None):
         r_hat = torch.empty(1, N, -(-ch // 16), -(-cw // 16))
         h_hat = torch.empty(1, N, -(-ch // 64), -(-cw // 64))
 
-        def edge(x):  # the transmitter also runs HD: it needs sigma to code r
-            r, h = jd.SE(jd.E(x))
-            jd.hyperprior.HD(h)
+        def edge(model):  # the transmitter also runs HD: it needs sigma to code r
+            return lambda x: model.hyperprior.HD(model.SE(model.E(x))[1])
 
         def cloud(model):
             return lambda r_hat, h_hat: (model.hyperprior.HD(h_hat),
@@ -461,7 +460,7 @@ def complexity(dataset, K=None):
         hp = jd.hyperprior  # entropy bottleneck + HD: on both ends, counted in both
         out = {
             "edge_params": count_params(jd.E, jd.SE, hp),
-            "edge_gmacs": count_gmacs(edge, x),
+            "edge_gmacs": count_gmacs(edge(jd), x),
             "jd_train_params": count_params(hp, jd.JD),
             "jd_train_gmacs": count_gmacs(cloud(jd), r_hat, h_hat),
             "jd_params": count_params(jd_deployed.hyperprior, jd_deployed.JD),
@@ -471,6 +470,10 @@ def complexity(dataset, K=None):
             "nocomp_params": count_params(nocomp.D),
             "nocomp_gmacs": count_gmacs(lambda z: nocomp.D(z, (ch, cw)), z),
         }
+        if cfg["encoder"] == "resnet50":  # Suppl. Sec. 4: the edge with a ResNet-101 E
+            jd101 = build_model({**cfg, "encoder": "resnet101", "decoder": "jd"})
+            out.update(edge_r101_params=count_params(jd101.E, jd101.SE, jd101.hyperprior),
+                       edge_r101_gmacs=count_gmacs(edge(jd101), x))
     out.update(dataset=dataset, K=cfg["K"], edge_resolution=[eh, ew], cloud_resolution=[ch, cw])
     return out
 
@@ -482,6 +485,7 @@ def print_complexity(c):
           f"GMACs = FLOPs/2 of torch.utils.flop_counter")
     print(f"{'network':34s} {'params (M)':>10s} {'paper':>7s} {'GMACs':>9s} {'paper':>7s}")
     rows = [("edge: E + SE (+ HD, EB)", "edge", "edge"),
+            *([("edge: E101 + SE (Suppl. Sec. 4)", "edge_r101", None)] if "edge_r101_params" in c else []),
             (f"cloud: JD, training time (K={c['K']})", "jd_train", None),
             ("cloud: JD, deployed (Fig. 3)", "jd", "jd"),
             ("cloud: Ahuja et al. SD + D", "ahuja", "ahuja"),

@@ -107,20 +107,20 @@ def kaiming_init(module):
 # -----------------------------------------------------------------------------
 # edge: E, SE; the hyper-decoder HD (edge and cloud)
 
-ENCODERS = {"resnet50": 2048, "resnet18-l2": 128}  # name -> channels C of z
+ENCODERS = {"resnet50": 2048, "resnet101": 2048, "resnet18-l2": 128}  # name -> channels C of z
 
 
 class E(nn.Sequential):
     """Image encoder, split after its last stage; z has C channels at H/8 (Suppl. Fig. 10/11).
 
     resnet50     DeepLabv3's ResNet-50 with dilated layer3/layer4 (output stride 8), C = 2048
+    resnet101    the same with ResNet-101 (Suppl. Sec. 4, Fig. 12), C = 2048
     resnet18-l2  a light CPU encoder: ResNet-18's stem, layer1 and layer2 (stride 8), C = 128
     Module names are torchvision's, so its ResNet state dicts load (fc dropped)."""
 
     def __init__(self, arch="resnet50"):
-        if arch == "resnet50":
-            net = torchvision.models.resnet50(weights=None,
-                                              replace_stride_with_dilation=[False, True, True])
+        if arch in ("resnet50", "resnet101"):
+            net = getattr(torchvision.models, arch)(weights=None, replace_stride_with_dilation=[False, True, True])
             names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         elif arch == "resnet18-l2":
             net = torchvision.models.resnet18(weights=None)
@@ -310,12 +310,41 @@ def build_model(cfg):
                                 head=cfg["head"], deployed=cfg.get("deployed", False))
 
 
+# E's pretrained weights through torchvision's weights API: (source, encoder) -> weights
+PRETRAINED = {
+    ("imagenet", "resnet50"): torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
+    ("imagenet", "resnet101"): torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
+    # DeepLabv3 trained on COCO reduced to the 21 VOC classes: the paper's COCO No Compression
+    ("deeplabv3-coco", "resnet50"): torchvision.models.segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
+    ("deeplabv3-coco", "resnet101"): torchvision.models.segmentation.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
+}
+
+
+def pretrained_file(source, encoder):
+    """The file of torchvision's weights `source` ("imagenet", "deeplabv3-coco") for `encoder`
+    in the torch hub cache ($TORCH_HOME/hub/checkpoints/), downloaded once as torchvision
+    does; a file already there loads with no network. ValueError if it cannot be had."""
+    weights = PRETRAINED.get((source, encoder))
+    if weights is None:
+        have = sorted({e for s, e in PRETRAINED if s == source})
+        raise ValueError(f"--encoder-weights {source} exists for the encoders {', '.join(have)}, not {encoder}")
+    name = os.path.basename(weights.url)
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    if not os.path.isfile(path):
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        try:  # the hash prefix in the file name is checked, as torch.hub does
+            torch.hub.download_url_to_file(weights.url, path, hash_prefix=name.rsplit("-", 1)[1].split(".")[0])
+        except Exception as e:  # offline, refused, cut short: the user needs the same three facts
+            raise ValueError(f"{name} is not in the torch hub cache and could not be downloaded "
+                             f"({type(e).__name__}). Download {weights.url} and put it at {path}") from None
+    return path
+
+
 def load_encoder_weights(encoder, path):
-    """Load a local state dict into E: a torchvision ResNet (e.g. the ImageNet weights; fc is
-    not used), a torchvision DeepLabv3 checkpoint (its "backbone." tensors) or a train.py
-    checkpoint (its "E." tensors, e.g. of a No Compression model). Nothing is downloaded.
-    Raises ValueError if E's tensors are missing or shaped otherwise; returns the keys of the
-    file that E does not use."""
+    """Load a state dict into E: a torchvision ResNet (e.g. the ImageNet weights; fc is not
+    used), a torchvision DeepLabv3 checkpoint (its "backbone." tensors) or a train.py
+    checkpoint (its "E." tensors, e.g. of a No Compression model). Raises ValueError if E's
+    tensors are missing or shaped otherwise; returns the keys of the file that E does not use."""
     sd = read_weights(path)
     if isinstance(sd.get("model"), dict):  # a training checkpoint that wraps its state dict
         sd = sd["model"]
@@ -332,6 +361,28 @@ def load_encoder_weights(encoder, path):
         raise ValueError(f"{path} has tensors shaped otherwise than E's (another --encoder?): {wrong[:3]}")
     encoder.load_state_dict({k: sd[k] for k in ours})
     return [k for k in sd if k not in ours]
+
+
+# torchvision's DeepLabHead (Sequential: ASPP, 3x3 conv, BN, ReLU, 1x1 classifier) -> our D
+DEEPLAB_HEAD = {"classifier.0.convs.0.": "aspp.b0.branches.0.", "classifier.0.convs.4.1.": "aspp.pool.branches.0.0.",
+                "classifier.0.convs.4.2.": "aspp.pool.branches.0.1.", "classifier.0.project.": "aspp.project.",
+                "classifier.1.": "conv3.0.", "classifier.2.": "conv3.1.", "classifier.4.": "classifier.",
+                **{f"classifier.0.convs.{i}.": f"aspp.dilated.{i - 1}.branches.0." for i in (1, 2, 3)}}
+
+
+def load_deeplab_head(D, path):
+    """Load the head of a torchvision DeepLabv3 file into D (head="torchvision"); its aux
+    classifier is dropped. With E from the same file's backbone, the model is torchvision's."""
+    sd, ours = read_weights(path), {}
+    for k, v in sd.items():
+        prefix = next((p for p in DEEPLAB_HEAD if k.startswith(p)), None)
+        if prefix:
+            ours[DEEPLAB_HEAD[prefix] + k[len(prefix):]] = v
+    try:
+        D.load_state_dict(ours)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its DeepLabv3 head does not fit D (another --F, --head or class count?): "
+                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
 
 
 def save_checkpoint(obj, path):

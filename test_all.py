@@ -1004,7 +1004,8 @@ def test_coco_degenerate_annotations(coco_root, tmp_path):
 
 def test_train_on_fixtures(cityscapes_root, coco_root, tmp_path):
     """A short train.py run completes on each real-layout fixture with its preset."""
-    light = ["--encoder", "resnet18-l2", "--F", "64", "--K", "1", "--batch-size", "2", "--max-iters", "2",
+    light = ["--encoder", "resnet18-l2", "--encoder-weights", "none", "--F", "64", "--K", "1", "--batch-size", "2",
+             "--max-iters", "2",
              "--eval-interval", "2", "--num-workers", "0", "--dilations", "1", "2", "3"]
     out = run_train("--dataset", "cityscapes", "--data-root", str(cityscapes_root[0]), "--crop", "64",
                     *light, "--out-dir", str(tmp_path / "cs")).stdout
@@ -1049,3 +1050,74 @@ def test_encoder_weights(tmp_path):
         E50 = DistributedSegmenter("none", S=3, F=64, encoder="resnet50").E
     with pytest.raises(ValueError, match="shaped otherwise|lacks"):
         load_encoder_weights(E50, str(tmp_path / "r18.pth"))
+
+
+# -----------------------------------------------------------------------------
+# pretrained weights through torchvision's weights API, from fake caches
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A temporary TORCH_HOME whose hub cache holds random weights under torchvision's real
+    file names, and an unusable proxy, so that nothing here can reach the network."""
+    home = tmp_path / "torch_home"
+    (home / "hub" / "checkpoints").mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: a download fails at once
+    return home / "hub" / "checkpoints"
+
+
+def test_deeplabv3_coco_is_torchvisions_model(fake_hub, coco_root, tmp_path):
+    """--dataset coco --decoder none --encoder-weights deeplabv3-coco --max-iters 0 writes a
+    checkpoint whose model gives torchvision's deeplabv3_resnet50 logits (same file, eval
+    mode, max |diff| < 1e-4); the aux classifier is dropped."""
+    import torchvision
+    torch.manual_seed(0)
+    tv = torchvision.models.segmentation.deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=21,
+                                                            aux_loss=True)
+    g = torch.Generator().manual_seed(0)
+    for m in tv.modules():  # mild random BN statistics, so that a BN mapped to the wrong layer shows
+        if isinstance(m, torch.nn.BatchNorm2d):
+            n = m.num_features
+            m.running_mean.copy_(0.1 * torch.randn(n, generator=g))
+            m.running_var.copy_(0.8 + 0.4 * torch.rand(n, generator=g))
+            m.weight.data.copy_(0.8 + 0.4 * torch.rand(n, generator=g))
+            m.bias.data.copy_(0.1 * torch.randn(n, generator=g))
+    torch.save(tv.state_dict(), fake_hub / "deeplabv3_resnet50_coco-cd0a2569.pth")
+    out = run_train("--dataset", "coco", "--data-root", str(coco_root[0]), "--decoder", "none",
+                    "--encoder-weights", "deeplabv3-coco", "--max-iters", "0", "--val-limit", "1",
+                    "--num-workers", "0", "--out-dir", str(tmp_path / "d")).stdout
+    assert "E and D initialized from" in out and "aux_classifier" in out and "final val (1 images)" in out
+    model, _ = load_checkpoint(str(tmp_path / "d" / "ckpt.pt"))
+    x = torch.randn(2, 3, 128, 128)
+    with torch.no_grad():
+        assert (model(x)["logits"] - tv.eval()(x)["out"]).abs().max() < 1e-4
+
+
+def test_offline_without_cache_names_the_file(fake_hub, cityscapes_root):
+    """With an empty cache and no network, --encoder-weights imagenet (the real presets'
+    default) stops with one message naming the file, its URL and the cache path."""
+    proc = run_train("--dataset", "cityscapes", "--data-root", str(cityscapes_root[0]), "--max-iters", "1",
+                     check=False)
+    assert proc.returncode != 0 and "Traceback" not in proc.stdout
+    assert "resnet50-0676ba61.pth" in proc.stdout and "https://download.pytorch.org/models/" in proc.stdout
+    assert str(fake_hub / "resnet50-0676ba61.pth") in proc.stdout
+
+
+def test_resnet101_encoder_from_imagenet_cache(fake_hub, cityscapes_root, tmp_path):
+    """--encoder resnet101 --encoder-weights imagenet loads torchvision's ResNet-101 file from
+    the cache into E (dilated, 2048 channels at H/8) and trains 2 iterations."""
+    import torchvision
+    torch.manual_seed(0)
+    r101 = torchvision.models.resnet101().state_dict()
+    torch.save(r101, fake_hub / "resnet101-63fe2227.pth")
+    out = run_train("--dataset", "cityscapes", "--data-root", str(cityscapes_root[0]), "--encoder", "resnet101",
+                    "--encoder-weights", "imagenet", "--crop", "64", "--F", "64", "--K", "1", "--batch-size", "2",
+                    "--max-iters", "2", "--eval-interval", "2", "--num-workers", "0", "--val-limit", "1",
+                    "--out-dir", str(tmp_path / "r101")).stdout
+    assert f"E initialized from {fake_hub / 'resnet101-63fe2227.pth'}; keys not used: fc.weight, fc.bias" in out
+    model, _ = load_checkpoint(str(tmp_path / "r101" / "ckpt.pt"))
+    assert model.E.C == 2048 and len(model.E.layer3) == 23
+    with torch.no_grad():
+        assert model.E(torch.randn(1, 3, 64, 64)).shape == (1, 2048, 8, 8)

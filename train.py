@@ -30,7 +30,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 from data import DATASETS, PRESETS, get_dataset, preset
 from entropy import bits_per_pixel, split_parameters
 from evaluate import evaluate
-from model import MODEL_KEYS, build_model, load_encoder_weights, read_checkpoint, save_checkpoint
+from model import (MODEL_KEYS, PRETRAINED, build_model, load_deeplab_head, load_encoder_weights, pretrained_file,
+                   read_checkpoint, save_checkpoint)
 
 sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also through a pipe
 
@@ -39,8 +40,7 @@ sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also th
 # column and Suppl. Table 3's); the others default to DEFAULTS below. Only the flags you give
 # override them; --help shows both.
 
-DEFAULTS = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", encoder_weights=None,
-                edge_from=None, clip=1.0, resume=None, seed=0, device=None, amp=False, compile=False)
+DEFAULTS = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", edge_from=None, clip=1.0, resume=None, seed=0, device=None, amp=False, compile=False)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             argument_default=argparse.SUPPRESS)  # parsed = only the flags given
@@ -66,12 +66,13 @@ flag("--size", "synthetic scene size; the real datasets use --crop", type=int, n
 flag("--val-limit", "validate on the first N val images only (quick checks)", type=int)
 # model
 flag("--decoder", "cloud: ours, Ahuja et al., no compression", choices=["jd", "ahuja", "none"])
-flag("--encoder", "image encoder E", choices=["resnet50", "resnet18-l2"])
+flag("--encoder", "image encoder E", choices=["resnet50", "resnet101", "resnet18-l2"])
 flag("--K", "JD's over-parameterization repetitions, 0 = plain ASPP (Fig. 4)", type=int)
 flag("--F", "ASPP width (JD and D)", type=int)
 flag("--dilations", "JD's ASPP dilations", type=int, nargs=3)
 flag("--head", "DeepLabv3 head D of the baselines", choices=["torchvision", "mmseg"])
-flag("--encoder-weights", "local torchvision ResNet or DeepLabv3 state dict, or a train.py checkpoint, for E")
+flag("--encoder-weights", "E's start: imagenet or deeplabv3-coco (torchvision's weights, downloaded once into "
+     "$TORCH_HOME/hub/checkpoints), none (random), or a local ResNet / DeepLabv3 state dict or train.py checkpoint")
 flag("--edge-from", "train only the cloud decoder, on the frozen edge (E, SE, entropy models, HD) of this "
      "jd/ahuja checkpoint: the same bitstreams, another decoder")
 # rate
@@ -117,7 +118,7 @@ if "resume" in cli and "edge_from" in cli:
     sys.exit("--edge-from starts a run; --resume continues one with the edge setting it was started with")
 if args.edge_from and args.decoder == "none":
     sys.exit("--edge-from trains a decoder of bitstreams: use it with --decoder jd or ahuja")
-if args.edge_from and (args.encoder_weights or "alpha" in cli):
+if args.edge_from and ("encoder_weights" in cli or "alpha" in cli):
     sys.exit("--edge-from brings the whole edge and its rate point: drop --encoder-weights and --alpha")
 if args.dataset != "synthetic" and "size" in cli:
     sys.exit("--size sets the synthetic scenes' size; the real datasets take --crop")
@@ -198,13 +199,22 @@ def train_batches(start_iter):
 
 torch.manual_seed(args.seed)
 model = build_model(vars(args))
-if args.encoder_weights and not args.resume:
+if not args.resume and not args.edge_from and args.encoder_weights != "none":
     try:
-        ignored = load_encoder_weights(model.E, args.encoder_weights)
+        named = (args.encoder_weights, args.encoder) in PRETRAINED  # torchvision's, or a file
+        path = pretrained_file(args.encoder_weights, args.encoder) if named else args.encoder_weights
+        ignored = load_encoder_weights(model.E, path)
+        whole = args.encoder_weights == "deeplabv3-coco" and args.decoder == "none"
+        if whole:  # torchvision's DeepLabv3 as it is: the paper's COCO No Compression model
+            load_deeplab_head(model.D, path)
+            ignored = ["aux_classifier.*"]
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"--encoder-weights: {e}")
     if master:
-        print(f"E initialized from {args.encoder_weights}; keys not used: {', '.join(ignored) or 'none'}")
+        print(f"{'E and D' if whole else 'E'} initialized from {path}; keys not used: "
+              f"{', '.join(ignored[:4]) or 'none'}" + (f" and {len(ignored) - 4} more" if len(ignored) > 4 else ""))
+elif not args.resume and not args.edge_from and master and args.dataset != "synthetic":
+    print("E starts from random weights (--encoder-weights none): far from the paper's pretrained E")
 EDGE = ("E", "SE", "hyperprior")  # what makes the bitstreams (HD too: both ends need it)
 edge = [getattr(model, name) for name in EDGE] if args.edge_from else []
 if args.edge_from and not args.resume:
