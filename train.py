@@ -33,7 +33,8 @@ from evaluate import evaluate
 from model import (MODEL_KEYS, PRETRAINED, build_model, load_deeplab_head, load_encoder_weights, pretrained_file,
                    read_checkpoint, save_checkpoint)
 
-sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also through a pipe
+if hasattr(sys.stdout, "reconfigure"):
+    sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also through a pipe
 
 # -----------------------------------------------------------------------------
 # config. Settings that depend on the dataset come from data.PRESETS (one table: the demo's
