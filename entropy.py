@@ -296,12 +296,16 @@ def read_varint(data, pos, name):
     raise ValueError(f"malformed header: {name} is longer than 3 bytes")
 
 
+def check_value(model_id, head, payload):
+    """CRC32 over the model id, the header before the check value, and the payload."""
+    return zlib.crc32(payload, zlib.crc32(head, zlib.crc32(struct.pack(">I", model_id))))
+
+
 def pack(b_h, b_r, image_size, model_id):
     """The container (module docstring): header, check value, b_h, b_r."""
     head = MAGIC + bytes([VERSION]) + struct.pack(">H", model_id & 0xFFFF)
     head += varint(image_size[0]) + varint(image_size[1]) + varint(len(b_h))
-    check = zlib.crc32(b_h + b_r, zlib.crc32(head, zlib.crc32(struct.pack(">I", model_id))))
-    return head + struct.pack(">I", check) + b_h + b_r
+    return head + struct.pack(">I", check_value(model_id, head, b_h + b_r)) + b_h + b_r
 
 
 def unpack(data, model_id):
@@ -329,7 +333,7 @@ def unpack(data, model_id):
         raise ValueError(f"truncated bitstream: {len(data)} bytes, the header alone is {pos + 4}")
     check = struct.unpack(">I", data[pos:pos + 4])[0]
     head, payload = data[:pos], data[pos + 4:]
-    if zlib.crc32(payload, zlib.crc32(head, zlib.crc32(struct.pack(">I", model_id)))) != check:
+    if check_value(model_id, head, payload) != check:
         if tag != model_id & 0xFFFF:
             raise ValueError(f"bitstream was written by another model (model tag {tag:04x}, this decoder's is "
                              f"{model_id & 0xFFFF:04x}): decode it with the checkpoint that encoded it")

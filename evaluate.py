@@ -76,7 +76,8 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
-        out = model(x)  # eval mode: rounded latents, the likelihoods of Eq. (1)
+        out = model(x)  # eval mode: rounded latents, the likelihoods of Eq. (1); with real bits E
+        #                 runs again in compress: one path, the deployed one, at twice E's cost
         logits = out["logits"]
         if compressed:
             stats[1] += bits_per_pixel(out["likelihoods"], pixels).item() * pixels
@@ -365,7 +366,7 @@ def benchmark_cloud(dataset="cityscapes", size=None, batch=1, repeat=3, device="
     models["ahuja"].hyperprior.load_state_dict(models["jd"].hyperprior.state_dict())
     hp = models["jd"].hyperprior
     hp.update()
-    r = torch.round(0.7 * torch.randn(batch, hp.N, -(-H // 16), -(-W // 16)))  # a latent of the right size
+    r = torch.round(0.7 * torch.randn(batch, hp.N, *entropy.latent_size((H, W))))  # a latent of the right size
     strings = hp.compress(r, models["jd"].SE.h_a(r.abs()), (H, W))
     results = {}
     for name, model in models.items():
@@ -447,8 +448,8 @@ def complexity(dataset, K=None):
         N = jd.hyperprior.N
         x = torch.empty(1, 3, eh, ew)
         z = torch.empty(1, jd.E.C, -(-ch // 8), -(-cw // 8))  # cloud-side shapes
-        r_hat = torch.empty(1, N, -(-ch // 16), -(-cw // 16))
-        h_hat = torch.empty(1, N, -(-ch // 64), -(-cw // 64))
+        r_hat = torch.empty(1, N, *entropy.latent_size((ch, cw)))
+        h_hat = torch.empty(1, N, *entropy.hyper_size((ch, cw)))
 
         def edge(model):  # the transmitter also runs HD: it needs sigma to code r
             return lambda x: model.hyperprior.HD(model.SE(model.E(x))[1])

@@ -382,7 +382,7 @@ def load_deeplab_head(D, path):
         D.load_state_dict(ours)
     except RuntimeError as e:
         raise ValueError(f"{path}: its DeepLabv3 head does not fit D (another --F, --head or class count?): "
-                         f"{str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e}") from None
+                         f"{first_mismatch(e)}") from None
 
 
 def save_checkpoint(obj, path):
@@ -394,6 +394,12 @@ def save_checkpoint(obj, path):
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def first_mismatch(error):
+    """The first detail line of load_state_dict's RuntimeError (a missing key or a shape)."""
+    lines = str(error).splitlines()
+    return lines[1].strip() if len(lines) > 1 else str(error)
 
 
 def read_weights(path):
@@ -429,5 +435,5 @@ def load_checkpoint(path, device="cpu"):
         model.load_state_dict(ckpt["model"])
     except RuntimeError as e:
         raise ValueError(f"{path}: its weights do not fit the model its settings describe "
-                         f"({str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else e})") from None
+                         f"({first_mismatch(e)})") from None
     return model.to(device).eval(), ckpt

@@ -41,7 +41,8 @@ if hasattr(sys.stdout, "reconfigure"):
 # column and Suppl. Table 3's); the others default to DEFAULTS below. Only the flags you give
 # override them; --help shows both.
 
-DEFAULTS = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", edge_from=None, clip=1.0, resume=None, seed=0, device=None, amp=False, compile=False)
+DEFAULTS = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", edge_from=None,
+                clip=1.0, resume=None, seed=0, device=None, amp=False, compile=False)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             argument_default=argparse.SUPPRESS)  # parsed = only the flags given
