@@ -11,7 +11,6 @@ import os
 import re
 import runpy
 import signal
-import struct
 import subprocess
 import sys
 import types
@@ -228,9 +227,9 @@ def test_corrupt_strings_refused(coded):
     s = strings[0]
     cases = {
         "truncated": s[:8],
-        "magic": b"JP" + s[2:],
-        "version": s[:2] + b"\x07" + s[3:],
-        "version-1": b"DSSJ\x01" + s,
+        "not a DSSJ": b"\x44" + s[1:],
+        "version 7": b"\xd7" + s[1:],
+        "older bitstream format": b"DSSJ\x01" + s,
         "corrupted": s[:-5],  # cut in transit: the check value no longer matches
         "corrupted ": s + b"\x00",  # extended in transit
         "corrupted  ": s[:20] + bytes([s[20] ^ 0x10]) + s[21:],
@@ -265,16 +264,16 @@ def test_rans_bytes_are_compressais(coded):
 
 
 def test_header_v2(coded):
-    """The version-2 header: magic, version, model tag, H and W and len(b_h) as varints, the
-    check value; at most 16 bytes; the latent sizes follow from the image size."""
+    """The version-2 header: format byte, model tag, H and W and len(b_h) as varints, the
+    check value; 9 or 10 bytes here; the latent sizes follow from the image size."""
     model, x, strings = coded
     model_id = model.hyperprior.model_id()
     fields = entropy.unpack(strings[0], model_id)
     assert fields["image_size"] == (70, 99)
     header = len(strings[0]) - len(fields["b_h"]) - len(fields["b_r"])
-    assert strings[0][:3] == b"DJ\x02" and header <= 16
-    assert struct.unpack(">H", strings[0][3:5])[0] == model_id & 0xFFFF
-    assert strings[0][5:7] == bytes([70, 99])  # one varint byte each below 128
+    assert strings[0][0] == 0xD2 and strings[0][1] == model_id & 0xFF
+    assert header == 2 + 1 + 1 + len(entropy.varint(len(fields["b_h"]))) + 4
+    assert strings[0][2:4] == bytes([70, 99])  # one varint byte each below 128
     assert entropy.latent_size((70, 99)) == (5, 7) and entropy.hyper_size((70, 99)) == (2, 2)
     for n in (0, 1, 127, 128, 300, 16383, 2**21 - 1):
         assert entropy.read_varint(entropy.varint(n), 0, "n") == (n, len(entropy.varint(n)))
@@ -371,7 +370,7 @@ def test_empty_payloads_refused(coded):
         s = entropy.pack(b_h, b_r, (70, 99), mid)
         with pytest.raises(ValueError, match="cannot be an rANS stream"):
             model.decompress([s])
-    assert len(entropy.pack(b"", b"", (70, 99), mid)) == 12
+    assert len(entropy.pack(b"", b"", (70, 99), mid)) == 9
 
 
 ENCODER_OVERFLOW = r"""
