@@ -42,6 +42,7 @@ import struct
 import warnings
 import zlib
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -133,6 +134,13 @@ class HyperpriorCoder(nn.Module):
             crc = zlib.crc32(t.detach().cpu().contiguous().numpy().tobytes(), crc)
         return crc
 
+    def scale_indexes(self, sigma):
+        """The GaussianConditional's CDF index of each sigma: CompressAI's build_indexes (the
+        number of scale-table entries below sigma, after the lower bound) as one bucketize
+        instead of a pass per table entry (64), the same integers ~10x faster."""
+        gc = self.gaussian_conditional
+        return torch.bucketize(gc.lower_bound_scale(sigma), gc.scale_table[:-1].to(sigma)).int()
+
     def _sigma_for_coding(self, h_hat, size):
         # Encoder and decoder must compute bit-identical scale indexes, or b_r decodes into
         # garbage. Different hardware or thread counts change float32 convolutions in the last
@@ -154,7 +162,7 @@ class HyperpriorCoder(nn.Module):
         check_codable(symbols_h, "h - median")
         b_h = rans_encode(eb, symbols_h, self._channel_indexes(h))
         h_hat = symbols_h + medians  # what the cloud decodes
-        indexes = gc.build_indexes(self._sigma_for_coding(h_hat, r.shape[-2:]))
+        indexes = self.scale_indexes(self._sigma_for_coding(h_hat, r.shape[-2:]))
         symbols_r = torch.round(r)
         check_codable(symbols_r, "r")
         b_r = rans_encode(gc, symbols_r, indexes)
@@ -177,7 +185,7 @@ class HyperpriorCoder(nn.Module):
         indexes = self._channel_indexes(torch.empty(len(fields), self.N, *hyper_size(image_size)))
         symbols_h = rans_decode(eb, [f["b_h"] for f in fields], indexes, "b_h")
         h_hat = symbols_h + medians
-        indexes = gc.build_indexes(self._sigma_for_coding(h_hat, latent_size(image_size))).cpu()
+        indexes = self.scale_indexes(self._sigma_for_coding(h_hat, latent_size(image_size))).cpu()
         r_hat = rans_decode(gc, [f["b_r"] for f in fields], indexes, "b_r")
         return r_hat.to(device), image_size
 
@@ -232,14 +240,13 @@ def coder_tables(entropy_model, indexes):
     return compact.tolist(), cdfs.tolist(), lengths.tolist(), entropy_model._offset.cpu()[used].tolist()
 
 
-def rans_encode(entropy_model, symbols, indexes):
+def rans_encode(entropy_model, symbols, indexes, tables=None):
     """Integer symbols (B, ...) with their CDF indexes -> B rANS byte strings, as CompressAI's
-    EntropyModel.compress writes them (the same coder, the same rows of the same tables)."""
-    strings = []
-    for s, i in zip(symbols, indexes):
-        tables = coder_tables(entropy_model, i)
-        strings.append(entropy_model.entropy_coder.encode_with_indexes(s.flatten().int().tolist(), *tables))
-    return strings
+    EntropyModel.compress writes them (the same coder, the same rows of the same tables).
+    `tables`: coder_tables of each of the B index maps, where the caller has them already."""
+    tables = tables or [coder_tables(entropy_model, i) for i in indexes]
+    return [entropy_model.entropy_coder.encode_with_indexes(s.flatten().int().tolist(), *t)
+            for s, t in zip(symbols, tables)]
 
 
 def rans_decode(entropy_model, strings, indexes, name):
@@ -254,19 +261,19 @@ def rans_decode(entropy_model, strings, indexes, name):
     decoder reads lies inside this buffer, which we own. Then the symbols must re-encode to
     exactly the payload: truncated, shifted, extended or forged streams decode to something,
     but never to symbols that re-encode to the same bytes."""
+    tables = [coder_tables(entropy_model, i) for i in indexes]
     symbols = []
-    for s, i in zip(strings, indexes):
-        tables = coder_tables(entropy_model, i)
+    for s, i, t in zip(strings, indexes, tables):
         padded = s + bytes(4 * (8 + 24 * i.numel() + 20 * (len(s) // 4)))
-        symbols.append(torch.tensor(entropy_model.entropy_coder.decode_with_indexes(padded, *tables),
-                                    dtype=torch.float32).reshape(i.shape))
-    symbols = torch.stack(symbols)
+        decoded = entropy_model.entropy_coder.decode_with_indexes(padded, *t)  # a list of ints
+        symbols.append(torch.from_numpy(np.array(decoded, dtype=np.int32)).reshape(i.shape))
+    symbols = torch.stack(symbols).float()
     try:  # first the range, so that re-encoding a hostile stream's symbols cannot hang or overrun
         check_codable(symbols, name)
     except ValueError:
         raise ValueError(f"payload {name} decodes to values no encoder of this model writes: "
                          "a forged or damaged bitstream") from None
-    if rans_encode(entropy_model, symbols, indexes) != list(strings):
+    if rans_encode(entropy_model, symbols, indexes, tables) != list(strings):
         raise ValueError(f"payload {name} is not a whole rANS stream of this model (its symbols re-encode "
                          "to other bytes): truncated, shifted or forged")
     return symbols

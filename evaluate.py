@@ -8,7 +8,7 @@ RD curves against the baselines and JPEG, pictures, the cloud benchmark, and com
     python evaluate.py --ckpt out/synthetic/ckpt.pt --save-vis vis/   # image | ground truth | prediction
     python evaluate.py --rd runs/*/ckpt.pt --plot rd.png --csv rd.csv  # Fig. 5 with JPEG; prints JD vs
                                                                        # Ahuja at equal bpp, JPEG vs both
-    python evaluate.py --benchmark cloud --dataset cityscapes  # JD vs Ahuja SD+D, time per image
+    python evaluate.py --benchmark cloud --dataset cityscapes  # JD vs Ahuja SD+D: latency, throughput
     python evaluate.py --complexity --dataset cityscapes       # Tables 2 and 4, counted
 """
 import argparse
@@ -25,13 +25,14 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
+from torch.nn.functional import interpolate
 from torch.utils.flop_counter import FlopCounterMode
 
 import entropy
 from data import DATASETS, colorize, denormalize, normalize, preset, val_dataset
 from entropy import bits_per_pixel
-from model import build_model, load_checkpoint
-from reparam import reparameterize
+from model import build_model, load_checkpoint, masks
+from reparam import reparameterize, speed_up
 
 # -----------------------------------------------------------------------------
 # mIoU and bits
@@ -89,7 +90,7 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
             else:
                 stats[0] += 8 * sum(len(s) for s in strings)
                 logits = model.decompress(strings)  # the cloud, from the bytes alone
-        cm += confusion_matrix(logits.argmax(1), y, S)
+        cm += confusion_matrix(masks(logits), y, S)
         stats[2] += pixels
         stats[3] += x.shape[0]
     if world_size > 1:
@@ -133,7 +134,7 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
     S = num_classes(model)
     cm = torch.zeros(S, S, dtype=torch.int64)
     bits = pixels = decoded = 0
-    refused, masks = [], {}
+    refused, decoded_masks = [], {}
     for name in sorted(os.listdir(in_dir)):
         path = os.path.join(in_dir, name)
         match = re.fullmatch(rf"{split}_(\d+){re.escape(SUFFIX)}", name)
@@ -156,15 +157,15 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
             print(f"refused {name}: {e}")
             refused.append((name, str(e)))
             continue
-        pred = logits.argmax(1)[0]
+        pred = masks(logits)[0]
         cm += confusion_matrix(pred, y.to(device), S)
         bits, pixels, decoded = bits + 8 * len(data), pixels + y.numel(), decoded + 1
         if return_masks:
-            masks[name] = pred.cpu()
+            decoded_masks[name] = pred.cpu()
     miou, per_class = iou(cm)
     m = {"miou": miou, "iou": per_class, "bpp_real": bits / max(pixels, 1), "n_images": decoded,
          "n_refused": len(refused), "refused": refused}
-    return (m, masks) if return_masks else m
+    return (m, decoded_masks) if return_masks else m
 
 
 # -----------------------------------------------------------------------------
@@ -192,7 +193,7 @@ def jpeg_rd(model, dataset, device, qualities=JPEG_QUALITIES, batch_size=8):
                 decoded.append(normalize(np.array(Image.open(buf).convert("RGB"))))
             pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
             logits = model(torch.stack(decoded).to(device))["logits"]
-            cm += confusion_matrix(logits.argmax(1), y.to(device), S)
+            cm += confusion_matrix(masks(logits), y.to(device), S)
         rows.append({"method": "jpeg", "quality": q, "bpp_real": bits / pixels, "miou": iou(cm)[0]})
     return rows
 
@@ -203,6 +204,7 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, qualities=
     rows = []
     for path in ckpts:
         model, ckpt = load_checkpoint(path, device)
+        speed_up(model)  # a deployed JD runs its faster forwards
         cfg = ckpt["args"]
         ds, _ = val_dataset(cfg, split, limit, data_root)
         m = evaluate(model, ds, device)
@@ -336,7 +338,7 @@ def save_vis(model, dataset, classes, palette, out_dir, n, device):
             strings = model.compress(x[None].to(device))
             bpp = 8 * len(strings[0]) / y.numel()
             logits, tag, title = model.decompress(strings), f"{bpp:.4f}bpp", f"prediction from {bpp:.3f} bpp"
-        pred = logits.argmax(1)[0].cpu().numpy()
+        pred = masks(logits)[0].cpu().numpy()
         panels = [denormalize(x), colorize(y.numpy().clip(0, 255), palette), colorize(pred, palette)]
         paths.append(os.path.join(out_dir, f"{i:03d}_{tag}.png"))
         label_picture(panels, ["image", "ground truth", title], classes, palette).save(paths[-1])
@@ -353,59 +355,98 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
-@torch.no_grad()
-def benchmark_cloud(dataset="cityscapes", size=None, batch=1, repeat=3, device="cpu", seed=0):
-    """Seconds per image of the cloud of JD (deployed, fused) and of Ahuja et al.'s SD + D at a
-    preset's networks and resolution, with random weights: both decode the same bytes (JD's
-    entropy models are copied into the Ahuja model), so the networks make the difference."""
+def latent_at_rate(hp, h_a, batch, size, bpp, seed=0):
+    """Byte strings of `batch` random latents of an image of `size` that cost about `bpp` with
+    this coder: r = round(s * noise), s found by bisection on the real bytes (the benchmark's
+    models are untrained, so a trained latent's statistics are not at hand)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, hp.N, *entropy.latent_size(size), generator=g)
+
+    def code(s):
+        r = torch.round(s * noise)
+        strings = hp.compress(r, h_a(r.abs()), size)
+        return strings, 8 * sum(map(len, strings)) / (batch * size[0] * size[1])
+
+    lo, hi = 0.05, 4.0  # scales of r: about 0.01 to 2 bpp
+    for _ in range(12):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if code(mid)[1] < bpp else (lo, mid)
+    return code(math.sqrt(lo * hi))
+
+
+def median_seconds(fns, device, runs):
+    """Median seconds of each of the functions run in turn, `runs` times."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    for _ in range(runs):
+        t = [time.perf_counter()]
+        for fn in fns:
+            fn()
+            sync()
+            t.append(time.perf_counter())
+        times.append(np.diff(t))
+    return [float(np.median(column)) for column in zip(*times)]
+
+
+@torch.inference_mode()
+def benchmark_cloud(dataset="cityscapes", size=None, batch=4, repeat=3, device="cpu", bpp=0.2, seed=0):
+    """The cloud of JD (deployed: fused, with reparam.speed_up's forwards) and of Ahuja et al.'s
+    SD + D at a preset's networks and resolution, random weights: latency per image at batch 1
+    (median of `repeat` runs after a warm-up) and throughput at `batch`, entropy decoding,
+    network and mask tail apart. Both decode the same bytes (JD's entropy models are copied
+    into the Ahuja model), so the networks make the difference."""
     cfg = preset(dataset)
     H, W = size or RESOLUTIONS[dataset][1]
     torch.manual_seed(seed)
-    models = {"jd": reparameterize(build_model({**cfg, "decoder": "jd"}).eval()),
+    models = {"jd": speed_up(reparameterize(build_model({**cfg, "decoder": "jd"}).eval())),
               "ahuja": build_model({**cfg, "decoder": "ahuja"}).eval()}
     models["ahuja"].hyperprior.load_state_dict(models["jd"].hyperprior.state_dict())
-    hp = models["jd"].hyperprior
-    hp.update()
-    r = torch.round(0.7 * torch.randn(batch, hp.N, *entropy.latent_size((H, W))))  # a latent of the right size
-    strings = hp.compress(r, models["jd"].SE.h_a(r.abs()), (H, W))
-    results = {}
+    models["jd"].hyperprior.update()
+    strings, bpp_real = latent_at_rate(models["jd"].hyperprior, models["jd"].SE.h_a, batch, (H, W), bpp, seed)
+    out = {"dataset": dataset, "size": [H, W], "bpp": bpp_real, "bytes_per_image": sum(map(len, strings)) / batch,
+           "batch": batch, "repeat": repeat, "device": device, "threads": torch.get_num_threads()}
+    # the mask tail alone, on logits of the networks' output shape: the same work for both
+    logits = torch.randn(1, cfg["num_classes"], -(-H // 8), -(-W // 8), device=device)
+    tail = [lambda: masks(interpolate(logits, (H, W), mode="bilinear", align_corners=False))]
+    median_seconds(tail, device, 1)  # warm-up
+    out["tail_ms"] = 1e3 * median_seconds(tail, device, repeat)[0]
     for name, model in models.items():
         model.to(device)
         model.hyperprior.update()
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for k in range(repeat + 1):  # the first run warms up
-            t0 = time.perf_counter()
-            r_hat, image_size = model.hyperprior.decompress(strings)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize(device)
-            t1 = time.perf_counter()
-            model.cloud_head(r_hat, image_size).argmax(1)
-            if device.startswith("cuda"):
-                torch.cuda.synchronize(device)
-            times.append((t1 - t0, time.perf_counter() - t1))
-        entropy_s, network_s = (float(np.median(t)) / batch for t in zip(*times[1:]))
-        results[name] = {"entropy_ms": 1e3 * entropy_s, "network_ms": 1e3 * network_s,
-                         "total_ms": 1e3 * (entropy_s + network_s),
-                         "images_per_s": 1 / (entropy_s + network_s), "peak_memory_mb": peak_memory_mb(device)}
+
+        def steps(n):  # entropy decoding, then the network and the mask tail
+            decoded = {}
+            return [lambda: decoded.update(r_hat=model.hyperprior.decompress(strings[:n])[0]),
+                    lambda: masks(model.cloud_head(decoded["r_hat"], (H, W)))]
+
+        median_seconds(steps(1), device, 1)  # warm-up
+        entropy_s, cloud_s = median_seconds(steps(1), device, repeat)
+        out.update({f"{name}_entropy_ms": 1e3 * entropy_s, f"{name}_network_ms": 1e3 * cloud_s - out["tail_ms"],
+                    f"{name}_total_ms": 1e3 * (entropy_s + cloud_s),
+                    f"{name}_images_per_s": batch / sum(median_seconds(steps(batch), device, 1)),
+                    f"{name}_peak_memory_mb": peak_memory_mb(device)})
         model.cpu()
-    results.update(dataset=dataset, size=[H, W], batch=batch, repeat=repeat, device=device,
-                   bytes_per_image=sum(map(len, strings)) / batch, threads=torch.get_num_threads())
-    return results
+    out["ratio_total"] = out["jd_total_ms"] / out["ahuja_total_ms"]
+    out["ratio_network"] = out["jd_network_ms"] / out["ahuja_network_ms"]
+    return out
 
 
 def print_benchmark(b):
-    print(f"cloud per image, {b['dataset']} networks at {b['size'][0]}x{b['size'][1]}, batch {b['batch']}, "
-          f"median of {b['repeat']} runs on {b['device']} ({b['threads']} threads); "
-          f"{b['bytes_per_image']:.0f} bytes per image")
-    print(f"{'cloud':28s} {'entropy dec. ms':>15s} {'network ms':>11s} {'total ms':>9s} {'images/s':>9s} {'peak MB':>8s}")
+    print(f"cloud, {b['dataset']} networks at {b['size'][0]}x{b['size'][1]} on {b['device']} ({b['threads']} "
+          f"threads), random weights; latents at {b['bpp']:.3f} bpp ({b['bytes_per_image']:.0f} bytes per image)")
+    print(f"latency per image at batch 1 (ms, median of {b['repeat']} runs after a warm-up); throughput at "
+          f"batch {b['batch']}")
+    print(f"{'cloud':22s} {'entropy dec.':>12s} {'network':>9s} {'mask tail':>10s} {'total':>9s} {'images/s':>9s} "
+          f"{'peak MB':>8s}")
     for name, label in (("jd", "JD (deployed)"), ("ahuja", "Ahuja et al. SD + D")):
-        r = b[name]
-        print(f"{label:28s} {r['entropy_ms']:15.1f} {r['network_ms']:11.1f} {r['total_ms']:9.1f} "
-              f"{r['images_per_s']:9.3f} {r['peak_memory_mb']:8.0f}")
-    print(f"{'JD / Ahuja':28s} {b['jd']['entropy_ms'] / b['ahuja']['entropy_ms']:14.1%} "
-          f"{b['jd']['network_ms'] / b['ahuja']['network_ms']:10.1%} {b['jd']['total_ms'] / b['ahuja']['total_ms']:8.1%}")
+        v = [b[f"{name}_{k}"] for k in ("entropy_ms", "network_ms", "total_ms", "images_per_s", "peak_memory_mb")]
+        print(f"{label:22s} {v[0]:12.1f} {v[1]:9.1f} {b['tail_ms']:10.1f} {v[2]:9.1f} {v[3]:9.3f} {v[4]:8.0f}")
+    print(f"{'JD / Ahuja':22s} {b['jd_entropy_ms'] / b['ahuja_entropy_ms']:12.1%} {b['ratio_network']:9.1%} "
+          f"{'':10s} {b['ratio_total']:9.1%} {b['jd_images_per_s'] / b['ahuja_images_per_s']:8.1f}x")
+    print("(mask tail: bilinear upsampling of the S logit maps to H x W and the per-pixel class, the same work for "
+          "both, timed alone; network = the cloud network's time less it)")
     if not b["device"].startswith("cuda"):
         print("(peak MB on the CPU is the process's peak resident memory so far: JD runs first)")
 
@@ -515,7 +556,7 @@ def get_args_parser():
     p.add_argument("--limit", type=int, default=None, help="only the first N images of the split")
     p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's)")
     p.add_argument("--batch-size", type=int, default=None,
-                   help="images per batch (default 8; the benchmark's default is 1: latency per image)")
+                   help="images per batch (default 8; the benchmark's throughput batch, default 4)")
     # outputs
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--save-bitstreams", default=None, metavar="DIR", help="run only the edge: one file per image")
@@ -530,6 +571,8 @@ def get_args_parser():
     p.add_argument("--K", type=int, default=None, help="over-parameterization repetitions (default: preset's)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="benchmark input size")
     p.add_argument("--repeat", type=int, default=3, help="benchmark runs after one warm-up")
+    p.add_argument("--bpp", type=float, default=0.2, help="the benchmark's latent rate (default %(default)s: "
+                   "inside Fig. 5's 0.02-0.3 bpp)")
     # system
     p.add_argument("--max-image-pixels", type=int, default=entropy.MAX_IMAGE_PIXELS,
                    help="the largest image a bitstream may declare (default %(default)s: 2048x4096)")
@@ -544,7 +587,7 @@ def main(args):
         out = complexity(args.dataset, args.K)
         print_complexity(out)
     elif args.benchmark:
-        out = benchmark_cloud(args.dataset, args.size, args.batch_size or 1, args.repeat, args.device)
+        out = benchmark_cloud(args.dataset, args.size, args.batch_size or 4, args.repeat, args.device, args.bpp)
         print_benchmark(out)
     elif args.rd:
         out = rd_points(args.rd, args.device, args.split, args.limit, args.data_root, args.jpeg_qualities)
@@ -560,6 +603,7 @@ def main(args):
             print(f"wrote {args.plot}")
     elif args.ckpt:
         model, ckpt = load_checkpoint(args.ckpt, args.device)
+        speed_up(model)  # a deployed JD runs its faster forwards
         ds, full = val_dataset(ckpt["args"], args.split, args.limit, args.data_root)
         if args.save_bitstreams:
             n, total = save_bitstreams(model, ds, args.save_bitstreams, args.device, args.split, args.batch_size or 8)

@@ -297,6 +297,14 @@ class DistributedSegmenter(nn.Module):
         return self.cloud_head(r_hat, image_size)
 
 
+def masks(logits):
+    """The segmentation mask m (B, H, W): per pixel, the class of the largest logit of
+    (B, S, H, W). logits.max(1).indices is argmax(1) (both return the first maximal index,
+    so the masks are identical), 5-6x faster on CPU at 1024x2048, where argmax reduces over
+    the strided class dimension slowly (measured: 70 vs 390 ms, 2 threads)."""
+    return logits.max(1).indices
+
+
 # -----------------------------------------------------------------------------
 # checkpoints: the model is rebuilt from the settings saved beside its weights
 
