@@ -1,6 +1,7 @@
 """
 Evaluation of the distributed segmenters: mIoU and real bits, the edge/cloud split on files,
-RD curves against the baselines and JPEG, pictures, the cloud benchmark, and complexity.
+RD curves against the baselines and the conventional pipelines (JPEG, WebP, AVIF, HEVC, a
+learned image codec), pictures, the cloud benchmark, and complexity.
 
     python evaluate.py --ckpt out/synthetic/ckpt.pt [--json m.json]   # mIoU, per-class IoU, bpp
     python evaluate.py --ckpt out/synthetic/ckpt.pt --save-bitstreams bits/  # the edge: a file per image
@@ -8,6 +9,7 @@ RD curves against the baselines and JPEG, pictures, the cloud benchmark, and com
     python evaluate.py --ckpt out/synthetic/ckpt.pt --save-vis vis/   # image | ground truth | prediction
     python evaluate.py --rd runs/*/ckpt.pt --plot rd.png --csv rd.csv  # Fig. 5 with JPEG; prints JD vs
                                                                        # Ahuja at equal bpp, JPEG vs both
+    python evaluate.py --rd runs/*/ckpt.pt --image-codecs jpeg,webp,avif,hevc,learned  # Fig. 1a
     python evaluate.py --benchmark cloud --dataset cityscapes  # JD vs Ahuja SD+D: latency, throughput
     python evaluate.py --complexity --dataset cityscapes       # Tables 2 and 4, counted
 """
@@ -28,10 +30,13 @@ from PIL import Image, ImageDraw, ImageFont
 from torch.nn.functional import interpolate
 from torch.utils.flop_counter import FlopCounterMode
 
-import entropy
+import entropy  # first: it silences compressai's import-time warning
+from compressai.models import ScaleHyperprior  # noqa: E402  (the learned codec of Fig. 1a)
+from compressai.zoo.image import model_urls  # noqa: E402
+from compressai.zoo.pretrained import load_pretrained  # noqa: E402
 from data import DATASETS, colorize, denormalize, normalize, preset, val_dataset
 from entropy import bits_per_pixel
-from model import build_model, load_checkpoint, masks
+from model import build_model, hub_file, load_checkpoint, masks, read_weights
 from reparam import reparameterize, speed_up
 
 # -----------------------------------------------------------------------------
@@ -169,38 +174,101 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
 
 
 # -----------------------------------------------------------------------------
-# rate-distortion curves (Fig. 5), with the conventional JPEG pipeline (Fig. 1a)
+# the conventional pipelines (Fig. 1a): code the image, decode it, segment the decoded image
 
-JPEG_QUALITIES = [2, 5, 10, 20, 35, 50, 75, 90]
+# codec -> (label, Pillow format, qualities of its RD sweep). bpp counts every byte of the
+# file sent: at 128x256 a HEIF container's ~400 fixed bytes are 0.1 bpp, AVIF's ~300.
+# "learned" stands in for Song et al.'s codec: CompressAI's scale hyperprior [Balle et al.
+# 2018] (bmshj2018_hyperprior, MSE), its pretrained weights for qualities 1-8 downloaded once
+IMAGE_CODECS = {
+    "jpeg": ("JPEG", "JPEG", [2, 5, 10, 20, 35, 50, 75, 90]),
+    "webp": ("WebP", "WEBP", [0, 5, 10, 20, 35, 50, 75, 90]),
+    "avif": ("AVIF", "AVIF", [0, 10, 20, 35, 50, 60, 75]),
+    "hevc": ("HEVC (x265 intra)", "HEIF", [0, 10, 20, 30, 40, 50]),  # x265, not the HM reference encoder
+    "learned": ("learned (scale hyperprior)", None, [1, 2, 3, 4, 5, 6]),
+}
+
+
+def image_codec_format(codec):
+    """Pillow's format for `codec`, after checking that it can run here: HEVC needs the
+    optional pillow-heif (GPL wheels), the learned codec its weights."""
+    if codec not in IMAGE_CODECS:
+        raise ValueError(f"unknown image codec {codec!r}; choose from {', '.join(IMAGE_CODECS)}")
+    if codec == "hevc":
+        try:
+            import pillow_heif
+        except ImportError:
+            raise ValueError("HEVC needs pillow-heif (libheif + x265): pip install pillow-heif") from None
+        pillow_heif.register_heif_opener()
+    if codec == "learned":
+        for q in IMAGE_CODECS[codec][2]:
+            hub_file(model_urls["bmshj2018-hyperprior"]["mse"][q])  # downloaded once, or one clear line
+    return IMAGE_CODECS[codec][1]
+
+
+LEARNED = {}  # quality -> the loaded codec
+
+
+def learned_codec(quality):
+    """CompressAI's pretrained scale hyperprior for `quality`, from the torch hub cache
+    (weights_only loading), with its CDF tables."""
+    if quality not in LEARNED:
+        state_dict = read_weights(hub_file(model_urls["bmshj2018-hyperprior"]["mse"][quality]))
+        LEARNED[quality] = ScaleHyperprior.from_state_dict(load_pretrained(state_dict)).eval()
+        LEARNED[quality].update(force=True)
+    return LEARNED[quality]
 
 
 @torch.no_grad()
-def jpeg_rd(model, dataset, device, qualities=JPEG_QUALITIES, batch_size=8):
-    """Each image JPEG-coded by Pillow at each quality; bpp from the JPEG bytes; the decoded
-    image segmented by the No-Compression model (the paper also fine-tunes that model on
-    JPEG images; we do not)."""
+def code_image(image, codec, quality):
+    """uint8 (H, W, 3) -> (the decoded uint8 image, the number of bytes sent)."""
+    if codec == "learned":  # the image padded to a multiple of 64 (g_a's and h_a's strides)
+        net, (H, W) = learned_codec(quality), image.shape[:2]
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        x = torch.nn.functional.pad(x, [0, -W % 64, 0, -H % 64])
+        coded = net.compress(x)
+        n_bytes = 4 + sum(len(s[0]) for s in coded["strings"])  # + H and W, 16 bits each
+        x_hat = net.decompress(coded["strings"], coded["shape"])["x_hat"][0, :, :H, :W]
+        return (x_hat.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy(), n_bytes
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, image_codec_format(codec), quality=quality)
+    n_bytes = buf.tell()
+    buf.seek(0)
+    return np.array(Image.open(buf).convert("RGB")), n_bytes
+
+
+def code_images(x, codec, quality):
+    """A normalized batch (B, 3, H, W) through the codec: (decoded batch, bytes sent)."""
+    decoded = [code_image(denormalize(xi), codec, quality) for xi in x.cpu()]
+    return torch.stack([normalize(d) for d, _ in decoded]).to(x.device), sum(n for _, n in decoded)
+
+
+@torch.no_grad()
+def codec_rd(model, dataset, device, codec, qualities=None, batch_size=8):
+    """Fig. 1a: each image coded and decoded by `codec` at each quality; bpp from the bytes
+    sent; the decoded image segmented by a No-Compression model (the plain one, or one
+    fine-tuned on this codec's images: train.py --image-codec)."""
     model.eval()
     S, rows = num_classes(model), []
-    for q in qualities:
+    for q in qualities or IMAGE_CODECS[codec][2]:
         cm = torch.zeros(S, S, dtype=torch.int64)
         bits = pixels = 0
         for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
-            decoded = []
-            for xi in x:
-                buf = io.BytesIO()
-                Image.fromarray(denormalize(xi)).save(buf, "JPEG", quality=q)
-                bits += 8 * buf.tell()
-                decoded.append(normalize(np.array(Image.open(buf).convert("RGB"))))
-            pixels += x.shape[0] * x.shape[-2] * x.shape[-1]
-            logits = model(torch.stack(decoded).to(device))["logits"]
-            cm += confusion_matrix(masks(logits), y.to(device), S)
-        rows.append({"method": "jpeg", "quality": q, "bpp_real": bits / pixels, "miou": iou(cm)[0]})
+            decoded, n_bytes = code_images(x, codec, q)
+            bits, pixels = bits + 8 * n_bytes, pixels + x.shape[0] * x.shape[-2] * x.shape[-1]
+            cm += confusion_matrix(masks(model(decoded.to(device))["logits"]), y.to(device), S)
+        rows.append({"method": codec, "quality": q, "bpp_real": bits / pixels, "miou": iou(cm)[0]})
     return rows
 
 
-def rd_points(ckpts, device, split="val", limit=None, data_root=None, qualities=JPEG_QUALITIES):
-    """One row per checkpoint (mIoU, real and estimated bpp), plus the JPEG points for a
-    No-Compression checkpoint."""
+# -----------------------------------------------------------------------------
+# rate-distortion curves (Fig. 5)
+
+
+def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("jpeg",), qualities=None):
+    """One row per checkpoint (mIoU, real and estimated bpp), plus the conventional pipelines'
+    points for each No-Compression checkpoint: every codec of `codecs` for a plain one, its
+    own codec for one fine-tuned on decoded images (train.py --image-codec)."""
     rows = []
     for path in ckpts:
         model, ckpt = load_checkpoint(path, device)
@@ -212,14 +280,21 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, qualities=
             print(f"{path}: left out, it has no bitstream: {m['refused']}")
             continue
         coded = cfg["decoder"] != "none"  # alpha and K mean nothing without compression
-        rows.append({"checkpoint": path, "dataset": cfg["dataset"], "method": cfg["decoder"],
-                     "alpha": cfg.get("alpha") if coded else None, "K": cfg["K"] if coded else None,
-                     "bpp_real": m["bpp_real"], "bpp_est": m["bpp_est"], "miou": m["miou"]})
-        print(f"{path}: {cfg['decoder']}, mIoU {m['miou']:.4f}, bpp {m['bpp_real']}")
+        tuned = cfg.get("image_codec")  # a No-Compression model fine-tuned on this codec's images
+        row = {"checkpoint": path, "dataset": cfg["dataset"], "system": cfg["decoder"], "finetuned": None,
+               "alpha": cfg.get("alpha") if coded else None, "K": cfg["K"] if coded else None,
+               "seed": cfg.get("seed", 0)}
+        if not tuned:
+            rows.append({**row, "method": cfg["decoder"], "bpp_real": m["bpp_real"], "bpp_est": m["bpp_est"],
+                         "miou": m["miou"]})
+            print(f"{path}: {cfg['decoder']}, mIoU {m['miou']:.4f}, bpp {m['bpp_real']}")
         if cfg["decoder"] == "none":
-            for row in jpeg_rd(model, ds, device, qualities):
-                rows.append({"checkpoint": path, "dataset": cfg["dataset"], **row})
-                print(f"  JPEG q={row['quality']}: mIoU {row['miou']:.4f}, bpp {row['bpp_real']:.4f}")
+            for codec in [tuned] if tuned else codecs:
+                for r in codec_rd(model, ds, device, codec, qualities):
+                    rows.append({**row, **r, "system": codec, "finetuned": bool(tuned),
+                                 "method": codec + ("-ft" if tuned else "")})
+                    print(f"  {IMAGE_CODECS[codec][0]}{' fine-tuned' if tuned else ''} q={r['quality']}: "
+                          f"mIoU {r['miou']:.4f}, bpp {r['bpp_real']:.4f}")
     return rows
 
 
@@ -233,41 +308,59 @@ def miou_at(points, bpp):
     return points[0][1] if len(points) == 1 and points[0][0] == bpp else None
 
 
+def codec_label(method):
+    """"jpeg" -> "JPEG", "hevc-ft" -> "HEVC (x265 intra), fine-tuned"."""
+    codec, _, ft = method.partition("-")
+    return IMAGE_CODECS[codec][0] + (", fine-tuned" if ft else "")
+
+
 def rd_compare(rows):
-    """The two RD claims as numbers, from rd_points' rows:
-    - each JD point against Ahuja's curve at the same real bpp (and each Ahuja point against
-      JD's): difference in mIoU, None where the rate is outside the other curve's range;
-    - each JPEG point against the best feature-coding point (JD or Ahuja) that needs no more
-      bits: a positive margin means feature coding is better at that rate."""
-    curves = {m: sorted((r["bpp_real"], r["miou"]) for r in rows if r["method"] == m) for m in ("jd", "ahuja", "jpeg")}
-    out = {"jd_vs_ahuja": [], "feature_vs_jpeg": []}
-    for m, other in (("jd", "ahuja"), ("ahuja", "jd")):
-        for bpp, miou in curves[m]:
-            ref = miou_at(curves[other], bpp) if curves[other] else None
-            out["jd_vs_ahuja"].append({"at": m, "bpp": bpp, "jd": miou if m == "jd" else ref,
-                                       "ahuja": miou if m == "ahuja" else ref})
-    feature = curves["jd"] + curves["ahuja"]
-    for bpp, miou in curves["jpeg"]:
-        best = max((mf for bf, mf in feature if bf <= bpp), default=None)
-        out["feature_vs_jpeg"].append({"bpp": bpp, "jpeg": miou, "feature": best,
-                                       "margin": None if best is None else best - miou})
+    """The RD claims as numbers, from rd_points' rows:
+    - each JD point against Ahuja's curve of the same seed at the same real bpp (and each
+      Ahuja point against JD's): difference in mIoU, None outside the other curve's rates;
+    - each point of each conventional pipeline (codec, plain or fine-tuned) against the best
+      feature-coding point (JD or Ahuja) that needs no more bits: a positive margin means
+      feature coding is better at that rate."""
+    curves = {}
+    for r in rows:
+        curves.setdefault(r["method"], []).append((r["bpp_real"], r["miou"]))
+    curves = {m: sorted(pts) for m, pts in curves.items()}
+    out = {"jd_vs_ahuja": [], "feature_vs_codec": {}}
+    seeds = sorted({r.get("seed", 0) for r in rows if r["method"] in ("jd", "ahuja")})
+    for seed in seeds:  # one curve per method and seed
+        curve = {m: sorted((r["bpp_real"], r["miou"]) for r in rows if r["method"] == m and r.get("seed", 0) == seed)
+                 for m in ("jd", "ahuja")}
+        for m, other in (("jd", "ahuja"), ("ahuja", "jd")):
+            for bpp, miou in curve[m]:
+                ref = miou_at(curve[other], bpp) if curve[other] else None
+                out["jd_vs_ahuja"].append({"at": m, "seed": seed, "bpp": bpp, "jd": miou if m == "jd" else ref,
+                                           "ahuja": miou if m == "ahuja" else ref})
+    feature = curves.get("jd", []) + curves.get("ahuja", [])
+    for method in curves:
+        if method.partition("-")[0] in IMAGE_CODECS:
+            out["feature_vs_codec"][method] = []
+            for bpp, miou in curves[method]:
+                best = max((mf for bf, mf in feature if bf <= bpp), default=None)
+                out["feature_vs_codec"][method].append({"bpp": bpp, "codec": miou, "feature": best,
+                                                        "margin": None if best is None else best - miou})
     return out
 
 
 def print_rd_compare(c):
-    print("JD vs Ahuja at equal real bpp (the other curve interpolated on log bpp):")
+    print("JD vs Ahuja at equal real bpp (the other curve of the same seed interpolated on log bpp):")
     for r in c["jd_vs_ahuja"]:
+        at = f"  seed {r['seed']} {r['at']:5s} point at {r['bpp']:.4f} bpp:"
         if r["jd"] is None or r["ahuja"] is None:
-            print(f"  {r['at']:5s} point at {r['bpp']:.4f} bpp: outside the other curve's rates")
+            print(f"{at} outside the other curve's rates")
         else:
-            print(f"  {r['at']:5s} point at {r['bpp']:.4f} bpp: JD {r['jd']:.4f}, Ahuja {r['ahuja']:.4f}, "
+            print(f"{at} JD {r['jd']:.4f}, Ahuja {r['ahuja']:.4f}, "
                   f"JD - Ahuja {100 * (r['jd'] - r['ahuja']):+.1f} points")
-    if c["feature_vs_jpeg"]:
-        print("JPEG vs the best feature coding (JD or Ahuja) at no more bits:")
-    for r in c["feature_vs_jpeg"]:
-        best = "none at that rate" if r["feature"] is None else \
-            f"feature {r['feature']:.4f}, margin {100 * r['margin']:+.1f} points"
-        print(f"  JPEG {r['bpp']:.4f} bpp: mIoU {r['jpeg']:.4f}; {best}")
+    for method, points in c["feature_vs_codec"].items():
+        print(f"{codec_label(method)} vs the best feature coding (JD or Ahuja) at no more bits:")
+        for r in points:
+            best = "no feature point at that rate" if r["feature"] is None else \
+                f"feature {r['feature']:.4f}, margin {100 * r['margin']:+.1f} points"
+            print(f"  {r['bpp']:.4f} bpp: mIoU {r['codec']:.4f}; {best}")
 
 
 def plot_rd(rows, path, title=""):
@@ -275,22 +368,25 @@ def plot_rd(rows, path, title=""):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    styles = {"jd": ("o-", "C3", "JD (ours, Fig. 1d)"), "ahuja": ("s-", "C0", "Ahuja et al. SD + D (Fig. 1c)"),
-              "jpeg": ("^--", "C2", "JPEG + DeepLabv3 (Fig. 1a)")}
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    styles = {"jd": ("o-", "C3", "JD (ours, Fig. 1d)"), "ahuja": ("s-", "C0", "Ahuja et al. SD + D (Fig. 1c)")}
+    for codec, colour in zip(IMAGE_CODECS, ("C2", "C4", "C5", "C1", "C6")):
+        styles[codec] = ("^:", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 (Fig. 1a)")
+        styles[codec + "-ft"] = ("^--", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 fine-tuned")
     for method, (marker, colour, label) in styles.items():
-        pts = sorted((r["bpp_real"], r["miou"]) for r in rows if r["method"] == method)
-        if pts:
-            ax.plot(*zip(*pts), marker, color=colour, label=label)
+        for k, seed in enumerate(sorted({r.get("seed", 0) for r in rows if r["method"] == method})):
+            pts = sorted((r["bpp_real"], r["miou"]) for r in rows if r["method"] == method and r.get("seed", 0) == seed)
+            ax.plot(*zip(*pts), marker, color=colour, ms=4, alpha=1 if k == 0 else 0.45,
+                    label=label if k == 0 else f"{label.split(' (')[0]}, seed {seed}")
     for r in rows:
         if r["method"] == "none":
             ax.axhline(r["miou"], color="k", ls=":", label="No Compression")
     ax.set_xscale("log")
-    ax.set_xlabel("bits per pixel (real bitstreams)")
+    ax.set_xlabel("bits per pixel (real bitstreams and files)")
     ax.set_ylabel("mIoU")
     ax.set_title(title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
@@ -457,9 +553,12 @@ def print_benchmark(b):
 
 # Paper Table 2 (cloud) and Suppl. Table 4 (edge): (params in M, GMACs). The paper's "FLOPs"
 # are multiply-accumulates; its COCO cloud numbers only fit a 1024x2048 input.
+# Tables 2, 4 also list Song et al.'s learned image codec (Fig. 1a): "codec_edge", "codec_cloud".
 PAPER_COMPLEXITY = {
-    "coco": {"edge": (25.14, 103), "jd": (1.66, 10), "ahuja": (16.78, 521)},
-    "cityscapes": {"edge": (25.14, 801), "jd": (4.92, 39), "ahuja": (42.44, 1366)},
+    "coco": {"edge": (25.14, 103), "jd": (1.66, 10), "ahuja": (16.78, 521),
+             "codec_edge": (18.77, 211), "codec_cloud": (67.21, 1386)},
+    "cityscapes": {"edge": (25.14, 801), "jd": (4.92, 39), "ahuja": (42.44, 1366),
+                   "codec_edge": (18.77, 1687), "codec_cloud": (93.30, 2834)},
 }
 # (edge input, cloud input) per preset; the paper's COCO cloud numbers only fit 1024x2048
 RESOLUTIONS = {"synthetic": ((128, 256), (128, 256)), "coco": ((513, 513), (1024, 2048)),
@@ -483,6 +582,10 @@ def complexity(dataset, K=None):
     cfg = preset(dataset)
     cfg["K"] = cfg["K"] if K is None else K
     (eh, ew), (ch, cw) = RESOLUTIONS[dataset]
+    # Fig. 1a with a learned image codec: our stand-in for Song et al.'s is CompressAI's scale
+    # hyperprior at its high-rate size (bmshj2018_hyperprior, qualities 6-8: N = 192, M = 320).
+    # Edge: g_a, h_a and h_s (sigma codes y), the entropy bottleneck; cloud: h_s, g_s, E, D
+    codec = ScaleHyperprior(192, 320).to("meta")  # built on the CPU: GDN computes at init
     with torch.device("meta"):  # shapes only: no memory, no arithmetic
         jd, ahuja, nocomp = (build_model({**cfg, "decoder": d}).eval() for d in ("jd", "ahuja", "none"))
         jd_deployed = reparameterize(jd)  # the branch fusion itself, on shapes only
@@ -512,6 +615,12 @@ def complexity(dataset, K=None):
             "nocomp_params": count_params(nocomp.D),
             "nocomp_gmacs": count_gmacs(lambda z: nocomp.D(z, (ch, cw)), z),
         }
+        y_hat = torch.empty(1, 320, -(-ch // 16), -(-cw // 16))
+        z_hat = torch.empty(1, 192, -(-ch // 64), -(-cw // 64))
+        out.update(codec_edge_params=count_params(codec.g_a, codec.h_a, codec.h_s, codec.entropy_bottleneck),
+                   codec_edge_gmacs=count_gmacs(lambda x: codec.h_s(codec.h_a(codec.g_a(x))), x),
+                   codec_cloud_params=count_params(codec.h_s, codec.g_s, nocomp),
+                   codec_cloud_gmacs=count_gmacs(lambda y, z: (codec.h_s(z), nocomp(codec.g_s(y))), y_hat, z_hat))
         if cfg["encoder"] == "resnet50":  # Suppl. Sec. 4: the edge with a ResNet-101 E
             jd101 = build_model({**cfg, "encoder": "resnet101", "decoder": "jd"})
             out.update(edge_r101_params=count_params(jd101.E, jd101.SE, jd101.hyperprior),
@@ -531,7 +640,9 @@ def print_complexity(c):
             (f"cloud: JD, training time (K={c['K']})", "jd_train", None),
             ("cloud: JD, deployed (Fig. 3)", "jd", "jd"),
             ("cloud: Ahuja et al. SD + D", "ahuja", "ahuja"),
-            ("cloud: No Compression D", "nocomp", None)]
+            ("cloud: No Compression D", "nocomp", None),
+            ("edge: learned codec g_a, h_a, h_s", "codec_edge", "codec_edge"),
+            ("cloud: codec h_s, g_s + E + D", "codec_cloud", "codec_cloud")]
     for name, key, pkey in rows:
         pp, pg = paper.get(pkey, ("-", "-"))
         print(f"{name:34s} {c[key + '_params'] / 1e6:10.2f} {pp:>7} {c[key + '_gmacs']:9.2f} {pg:>7}")
@@ -539,6 +650,7 @@ def print_complexity(c):
     pr, gr = (f"{100 * jp / ap:6.2f}%", f"{100 * jg / ag:6.2f}%") if paper else ("-", "-")
     print(f"{'JD (deployed) / (SD + D)':34s} {100 * c['jd_params'] / c['ahuja_params']:9.2f}% "
           f"{pr:>7} {100 * c['jd_gmacs'] / c['ahuja_gmacs']:8.2f}% {gr:>7}")
+    print("(learned codec: our stand-in, CompressAI's scale hyperprior N = 192, M = 320; paper: Song et al.)")
 
 
 # -----------------------------------------------------------------------------
@@ -565,7 +677,10 @@ def get_args_parser():
     p.add_argument("--n-vis", type=int, default=4, help="how many pictures --save-vis writes")
     p.add_argument("--plot", default=None, help="RD plot (PNG) for --rd")
     p.add_argument("--csv", default=None, help="RD table (CSV) for --rd")
-    p.add_argument("--jpeg-qualities", type=int, nargs="+", default=JPEG_QUALITIES, help="for --rd")
+    p.add_argument("--image-codecs", default="jpeg", help="conventional pipelines for --rd, comma-separated: "
+                   f"{','.join(IMAGE_CODECS)} (hevc needs pip install pillow-heif); default %(default)s")
+    p.add_argument("--codec-qualities", type=int, nargs="+", default=None,
+                   help="qualities for every --image-codecs codec (default: each codec's sweep, IMAGE_CODECS)")
     # complexity and benchmark
     p.add_argument("--dataset", default="cityscapes", choices=DATASETS, help="preset networks (data.PRESETS)")
     p.add_argument("--K", type=int, default=None, help="over-parameterization repetitions (default: preset's)")
@@ -590,10 +705,14 @@ def main(args):
         out = benchmark_cloud(args.dataset, args.size, args.batch_size or 4, args.repeat, args.device, args.bpp)
         print_benchmark(out)
     elif args.rd:
-        out = rd_points(args.rd, args.device, args.split, args.limit, args.data_root, args.jpeg_qualities)
+        codecs = [c for c in args.image_codecs.split(",") if c]
+        for codec in codecs:
+            image_codec_format(codec)  # an unknown codec or a missing pillow-heif: one line, before any work
+        out = rd_points(args.rd, args.device, args.split, args.limit, args.data_root, codecs, args.codec_qualities)
         print_rd_compare(rd_compare(out))
         if args.csv:
-            keys = ["checkpoint", "dataset", "method", "alpha", "K", "quality", "bpp_real", "bpp_est", "miou"]
+            keys = ["checkpoint", "dataset", "system", "finetuned", "method", "alpha", "K", "seed", "quality",
+                    "bpp_real", "bpp_est", "miou"]
             with open(args.csv, "w") as f:
                 f.write(",".join(keys) + "\n")
                 for row in out:

@@ -336,15 +336,23 @@ def pretrained_file(source, encoder):
     if weights is None:
         have = sorted({e for s, e in PRETRAINED if s == source})
         raise ValueError(f"--encoder-weights {source} exists for the encoders {', '.join(have)}, not {encoder}")
-    name = os.path.basename(weights.url)
+    return hub_file(weights.url)
+
+
+def hub_file(url):
+    """The file of `url` in the torch hub cache ($TORCH_HOME/hub/checkpoints/), downloaded once
+    as torchvision and CompressAI do; a file already there is used with no network. Its name
+    ends in the first hex digits of its SHA-256, checked on download. ValueError if it cannot
+    be had."""
+    name = os.path.basename(url)
     path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
     if not os.path.isfile(path):
         os.makedirs(os.path.dirname(path), exist_ok=True)
-        try:  # the hash prefix in the file name is checked, as torch.hub does
-            torch.hub.download_url_to_file(weights.url, path, hash_prefix=name.rsplit("-", 1)[1].split(".")[0])
+        try:
+            torch.hub.download_url_to_file(url, path, hash_prefix=name.rsplit("-", 1)[1].split(".")[0])
         except Exception as e:  # offline, refused, cut short: the user needs the same three facts
             raise ValueError(f"{name} is not in the torch hub cache and could not be downloaded "
-                             f"({type(e).__name__}). Download {weights.url} and put it at {path}") from None
+                             f"({type(e).__name__}). Download {url} and put it at {path}") from None
     return path
 
 
@@ -379,18 +387,27 @@ DEEPLAB_HEAD = {"classifier.0.convs.0.": "aspp.b0.branches.0.", "classifier.0.co
 
 
 def load_deeplab_head(D, path):
-    """Load the head of a torchvision DeepLabv3 file into D (head="torchvision"); its aux
-    classifier is dropped. With E from the same file's backbone, the model is torchvision's."""
+    """Load into D the head of a torchvision DeepLabv3 file (its aux classifier dropped) or of
+    a train.py checkpoint with a D (a No Compression model, e.g. to fine-tune it on decoded
+    images). With E from the same file, the model is that file's. Returns False, loading
+    nothing, if the file has no head (e.g. a plain ResNet)."""
     sd, ours = read_weights(path), {}
+    if isinstance(sd.get("model"), dict):  # a training checkpoint that wraps its state dict
+        sd = sd["model"]
     for k, v in sd.items():
+        if k.startswith("D."):
+            ours[k[2:]] = v
         prefix = next((p for p in DEEPLAB_HEAD if k.startswith(p)), None)
         if prefix:
             ours[DEEPLAB_HEAD[prefix] + k[len(prefix):]] = v
+    if not ours:
+        return False
     try:
         D.load_state_dict(ours)
     except RuntimeError as e:
         raise ValueError(f"{path}: its DeepLabv3 head does not fit D (another --F, --head or class count?): "
                          f"{first_mismatch(e)}") from None
+    return True
 
 
 def save_checkpoint(obj, path):

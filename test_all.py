@@ -21,14 +21,16 @@ import pytest
 import torch
 
 import entropy
+import PIL.features
 from PIL import Image
 
 from data import SYNTHETIC_CLASSES, SyntheticStreets, get_dataset, preset, val_dataset
 from entropy import HyperpriorCoder, bits_per_pixel, split_parameters
-from evaluate import (benchmark_cloud, complexity, confusion_matrix, from_bitstreams, get_args_parser,
-                      iou, jpeg_rd, rd_compare, save_bitstreams)
+from evaluate import (benchmark_cloud, code_image, codec_rd, complexity, confusion_matrix, from_bitstreams,
+                      get_args_parser, image_codec_format, iou, rd_compare, rd_points, save_bitstreams)
+import evaluate as evaluate_module
 from evaluate import main as evaluate_main
-from model import (HD, SE, DistributedSegmenter, build_model, load_checkpoint, load_encoder_weights, masks,
+from model import (HD, SE, DistributedSegmenter, E, build_model, load_checkpoint, load_encoder_weights, masks,
                    save_checkpoint)
 from reparam import reparameterize, speed_up
 
@@ -125,7 +127,8 @@ def test_paper_jd_parameter_counts(dataset, target):
 
 
 def test_complexity_ratios_coco():
-    """JD/(SD+D) params in 9..12.5 % and GMACs <= 3.5 % (Table 2); --json keys present."""
+    """JD/(SD+D) params in 9..12.5 % and GMACs <= 3.5 % (Table 2); --json keys present, the
+    learned codec's rows too."""
     c = complexity("coco")
     for key in ["edge_params", "edge_gmacs", "jd_params", "jd_gmacs", "jd_train_params",
                 "ahuja_params", "ahuja_gmacs", "nocomp_params", "nocomp_gmacs"]:
@@ -134,6 +137,12 @@ def test_complexity_ratios_coco():
     assert 0.09 <= c["jd_params"] / c["ahuja_params"] <= 0.125
     assert c["jd_gmacs"] / c["ahuja_gmacs"] <= 0.035
     assert c["jd_train_params"] > c["jd_params"]
+    # Fig. 1a's learned codec (our stand-in: scale hyperprior 192/320): its encoder at the edge,
+    # its decoder before E and D in the cloud
+    assert c["codec_edge_params"] == pytest.approx(8.31e6, rel=0.01)
+    codec_decoder = c["codec_cloud_params"] - c["nocomp_params"] - count(E("resnet50"))  # h_s + g_s
+    assert codec_decoder == pytest.approx(5.90e6, rel=0.01)
+    assert c["codec_cloud_gmacs"] > c["nocomp_gmacs"] and c["codec_edge_gmacs"] > 0
 
 
 # -----------------------------------------------------------------------------
@@ -807,47 +816,99 @@ def test_bitstreams_on_disk(ckpts, tmp_path):
     assert proc.returncode != 0 and "error: no bitstream in" in proc.stdout  # none decodes: exit non-zero
 
 
-def test_jpeg_rates(ckpts):
-    """The JPEG baseline's bpp grows with the quality, and at quality 95 it is several times
-    that of quality 5; mIoU stays in [0, 1]."""
+def test_codec_rates(ckpts):
+    """A conventional pipeline's bpp grows with the quality (JPEG: at quality 95 several times
+    that of quality 5); mIoU stays in [0, 1]."""
     model, ckpt = load_checkpoint(ckpts["none"])
     ds, _ = val_dataset(ckpt["args"], limit=2)
-    rows = jpeg_rd(model, ds, "cpu", qualities=[5, 30, 95])
+    rows = codec_rd(model, ds, "cpu", "jpeg", qualities=[5, 30, 95])
     bpp = [r["bpp_real"] for r in rows]
     assert bpp[0] < bpp[1] < bpp[2] and bpp[2] > 3 * bpp[0]
     assert all(0 <= r["miou"] <= 1 for r in rows)
+    webp = [r["bpp_real"] for r in codec_rd(model, ds, "cpu", "webp", qualities=[5, 90])]
+    assert webp[0] < webp[1]
+
+
+@pytest.mark.parametrize("codec", ["jpeg", "webp", "avif", "hevc"])
+def test_image_codec_bytes_and_size(codec):
+    """Each codec's bytes are those of the file Pillow writes, and the decoded image has the
+    input's size; HEVC only where pillow-heif is installed (optional)."""
+    if codec == "hevc":
+        pytest.importorskip("pillow_heif")
+    if codec == "avif" and not PIL.features.check("avif"):
+        pytest.skip("this Pillow has no AVIF")
+    image = (np.random.RandomState(0).rand(40, 72, 3) * 255).astype(np.uint8)
+    decoded, n_bytes = code_image(image, codec, 50)
+    buf = io.BytesIO()
+    Image.fromarray(image).save(buf, image_codec_format(codec), quality=50)
+    assert n_bytes == len(buf.getvalue()) and decoded.shape == image.shape and decoded.dtype == np.uint8
+    assert np.abs(decoded.astype(float) - image).mean() < 60  # an image of the input, not noise
+
+
+def test_missing_pillow_heif_message(monkeypatch):
+    """Without pillow-heif, HEVC is refused with one line that names the package to install,
+    in evaluate.py and in train.py, before any work."""
+    monkeypatch.setitem(sys.modules, "pillow_heif", None)  # import pillow_heif now raises ImportError
+    with pytest.raises(ValueError, match="pip install pillow-heif"):
+        image_codec_format("hevc")
+    proc = run_script("evaluate.py", "--rd", "x.pt", "--image-codecs", "jpeg,hevc", check=False)
+    assert proc.returncode != 0 and "pip install pillow-heif" in proc.stdout and "Traceback" not in proc.stdout
+    proc = run_train("--decoder", "none", "--image-codec", "hevc", check=False)
+    assert proc.returncode != 0 and "pip install pillow-heif" in proc.stdout
+
+
+def test_finetune_on_decoded_images(ckpts, tmp_path):
+    """Fig. 1a's protocol: a No-Compression checkpoint (E and D) fine-tuned on WebP-decoded
+    images for 2 iterations; --rd then scores it on its own codec only, as "webp-ft"."""
+    out = tmp_path / "ft"
+    proc = run_train("--decoder", "none", "--image-codec", "webp", "--encoder-weights", ckpts["none"], "--F", "64",
+                     "--K", "1", "--encoder", "resnet18-l2", "--dilations", "1", "2", "3", "--max-iters", "2",
+                     "--eval-interval", "2", "--val-limit", "2", "--batch-size", "2", "--out-dir", str(out))
+    assert "E and D initialized from" in proc.stdout
+    model, ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["args"]["image_codec"] == "webp" and ckpt["iter_num"] == 2
+    rows = rd_points([str(out / "ckpt.pt")], "cpu", limit=2, codecs=("jpeg", "webp"), qualities=[20])
+    assert [(r["method"], r["system"], r["finetuned"]) for r in rows] == [("webp-ft", "webp", True)]
+    proc = run_train("--decoder", "jd", "--image-codec", "webp", check=False)
+    assert proc.returncode != 0 and "--decoder none" in proc.stdout
 
 
 def test_rd_compare():
     """JD vs Ahuja at equal bpp interpolates the other curve on log bpp (None outside its
-    rates); a JPEG point is compared with the best feature-coding point at no more bits."""
+    rates); each codec point (plain or fine-tuned) is compared with the best feature-coding
+    point at no more bits."""
     rows = [dict(method="jd", bpp_real=0.05, miou=0.60), dict(method="jd", bpp_real=0.10, miou=0.70),
             dict(method="ahuja", bpp_real=0.2, miou=0.72), dict(method="ahuja", bpp_real=0.04, miou=0.62),
             dict(method="none", bpp_real=None, miou=0.8),
-            dict(method="jpeg", bpp_real=0.3, miou=0.5), dict(method="jpeg", bpp_real=0.03, miou=0.4)]
+            dict(method="jpeg", bpp_real=0.3, miou=0.5), dict(method="jpeg", bpp_real=0.03, miou=0.4),
+            dict(method="webp-ft", bpp_real=0.07, miou=0.65)]
     c = rd_compare(rows)
     at = {(r["at"], r["bpp"]): r for r in c["jd_vs_ahuja"]}
     t = np.log(0.05 / 0.04) / np.log(0.2 / 0.04)
     assert at["jd", 0.05]["ahuja"] == pytest.approx(0.62 + t * 0.10) and at["jd", 0.05]["jd"] == 0.60
     assert at["ahuja", 0.04]["jd"] is None and at["ahuja", 0.2]["jd"] is None
-    jpeg = {r["bpp"]: r for r in c["feature_vs_jpeg"]}
+    assert sorted(c["feature_vs_codec"]) == ["jpeg", "webp-ft"]
+    jpeg = {r["bpp"]: r for r in c["feature_vs_codec"]["jpeg"]}
     assert jpeg[0.3]["feature"] == 0.72 and jpeg[0.3]["margin"] == pytest.approx(0.22)
     assert jpeg[0.03]["feature"] is None
+    assert c["feature_vs_codec"]["webp-ft"][0]["margin"] == pytest.approx(0.62 - 0.65)
 
 
 def test_rd_csv_and_plot(ckpts, tmp_path):
-    """--rd writes one CSV row per checkpoint, plus one per JPEG quality for the
-    No-Compression checkpoint, and a PNG plot that decodes to the figure's size."""
+    """--rd writes one CSV row per checkpoint, plus one per codec and quality for the
+    No-Compression checkpoint (system = the codec, bpp_real from its files), and a PNG plot
+    that decodes to the figure's size."""
     csv, png = tmp_path / "rd.csv", tmp_path / "rd.png"
     evaluate_main(get_args_parser().parse_args(["--rd", ckpts["jd"], ckpts["ahuja"], "--limit", "2",
                                                 "--csv", str(csv), "--plot", str(png)]))
     lines = csv.read_text().splitlines()
     assert len(lines) == 1 + 2 and lines[1].split(",")[2] == "jd"
-    assert Image.open(png).size == (600, 400)  # a PNG that decodes, at figsize (6, 4) and 100 dpi
-    evaluate_main(get_args_parser().parse_args(["--rd", ckpts["jd"], ckpts["none"], "--limit", "2",
-                                                "--csv", str(csv), "--jpeg-qualities", "10", "60"]))
-    methods = [line.split(",")[2] for line in csv.read_text().splitlines()[1:]]
-    assert methods == ["jd", "none", "jpeg", "jpeg"]
+    assert Image.open(png).size == (700, 450)  # a PNG that decodes, at figsize (7, 4.5) and 100 dpi
+    evaluate_main(get_args_parser().parse_args(["--rd", ckpts["jd"], ckpts["none"], "--limit", "2", "--csv", str(csv),
+                                                "--image-codecs", "jpeg,webp", "--codec-qualities", "10", "60"]))
+    rows = [dict(zip(lines[0].split(","), line.split(","))) for line in csv.read_text().splitlines()[1:]]
+    assert [r["system"] for r in rows] == ["jd", "none", "jpeg", "jpeg", "webp", "webp"]
+    assert all(float(r["bpp_real"]) > 0 for r in rows[2:])
 
 
 def test_save_vis(ckpts, tmp_path):
@@ -1114,6 +1175,33 @@ def fake_hub(tmp_path, monkeypatch):
     for var in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         monkeypatch.setenv(var, "http://127.0.0.1:9")  # the discard port: a download fails at once
     return home / "hub" / "checkpoints"
+
+
+def test_learned_codec_from_the_hub_cache(fake_hub, monkeypatch):
+    """The learned codec (CompressAI's scale hyperprior) loads from CompressAI's file name in
+    the hub cache with no network; the decoded image has the input's size; its bytes are the
+    coded strings plus 4 for the size, within 20 % of the likelihoods' bits on a 64x64 image
+    (two rANS streams' fixed words are most of the rest). A missing file: one line naming it."""
+    from compressai.models import ScaleHyperprior
+    from compressai.zoo.image import model_urls
+    monkeypatch.setattr(evaluate_module, "LEARNED", {})
+    with pytest.raises(ValueError, match=r"bmshj2018-hyperprior-1-7eb97409\.pth\.tar is not in the torch hub cache"):
+        image_codec_format("learned")
+    torch.manual_seed(0)
+    net = ScaleHyperprior(128, 192)  # random weights under the real name (qualities 1-5 have this size)
+    for q in evaluate_module.IMAGE_CODECS["learned"][2]:
+        torch.save(net.state_dict(), fake_hub / os.path.basename(model_urls["bmshj2018-hyperprior"]["mse"][q]))
+    image_codec_format("learned")
+    image = (np.random.RandomState(0).rand(64, 64, 3) * 255).astype(np.uint8)
+    decoded, n_bytes = code_image(image, "learned", 1)
+    assert decoded.shape == image.shape and decoded.dtype == np.uint8
+    codec = evaluate_module.LEARNED[1]
+    with torch.no_grad():
+        x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+        estimate = sum(-torch.log2(p).sum().item() for p in codec(x)["likelihoods"].values())
+    assert n_bytes == 4 + sum(len(s[0]) for s in codec.compress(x)["strings"])
+    assert 8 * (n_bytes - 4) == pytest.approx(estimate, rel=0.2)
+    assert code_image(image[:40, :50], "learned", 2)[0].shape == (40, 50, 3)  # padded to 64, cropped back
 
 
 def test_deeplabv3_coco_is_torchvisions_model(fake_hub, coco_root, tmp_path):

@@ -9,6 +9,8 @@ then evaluate it on the val set through real bitstreams.
     python train.py --decoder none --out-dir runs/none               # No Compression (CE only)
     python train.py --resume out/synthetic/ckpt.pt    # continue exactly where it stopped
     python train.py --decoder ahuja --edge-from out/synthetic/ckpt.pt --out-dir runs/sd_on_jd
+    python train.py --decoder none --image-codec webp --encoder-weights runs/none/ckpt.pt --out-dir runs/webp
+                                                      # Fig. 1a: No Compression fine-tuned on WebP images
     torchrun --standalone --nproc_per_node 2 train.py --max-iters 20   # DDP (gloo on CPU, nccl on GPUs)
     python train.py --dataset cityscapes --K 3 --print-config          # Suppl. Table 3, resolved
 
@@ -29,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from data import DATASETS, PRESETS, get_dataset, preset
 from entropy import bits_per_pixel, split_parameters
-from evaluate import evaluate
+from evaluate import IMAGE_CODECS, code_images, evaluate, image_codec_format
 from model import (MODEL_KEYS, PRETRAINED, build_model, load_deeplab_head, load_encoder_weights, pretrained_file,
                    read_checkpoint, save_checkpoint)
 
@@ -42,7 +44,7 @@ if hasattr(sys.stdout, "reconfigure"):
 # override them; --help shows both.
 
 DEFAULTS = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", edge_from=None,
-                clip=1.0, resume=None, seed=0, device=None, amp=False, compile=False)
+                image_codec=None, clip=1.0, resume=None, seed=0, device=None, amp=False, compile=False)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             argument_default=argparse.SUPPRESS)  # parsed = only the flags given
@@ -74,9 +76,13 @@ flag("--F", "ASPP width (JD and D)", type=int)
 flag("--dilations", "JD's ASPP dilations", type=int, nargs=3)
 flag("--head", "DeepLabv3 head D of the baselines", choices=["torchvision", "mmseg"])
 flag("--encoder-weights", "E's start: imagenet or deeplabv3-coco (torchvision's weights, downloaded once into "
-     "$TORCH_HOME/hub/checkpoints), none (random), or a local ResNet / DeepLabv3 state dict or train.py checkpoint")
+     "$TORCH_HOME/hub/checkpoints), none (random), or a local ResNet / DeepLabv3 state dict or train.py checkpoint "
+     "(with --decoder none, a file's DeepLabv3 head is loaded into D too)")
 flag("--edge-from", "train only the cloud decoder, on the frozen edge (E, SE, entropy models, HD) of this "
      "jd/ahuja checkpoint: the same bitstreams, another decoder")
+flag("--image-codec", "No Compression only: train on images coded and decoded by this codec, each at a "
+     "random quality of its sweep (Fig. 1a's fine-tuning; start from a trained model: --encoder-weights CKPT)",
+     choices=list(IMAGE_CODECS))
 # rate
 flag("--alpha", "RD trade-off of Eq. (3), in (0, 1]; higher = more bits", type=float)
 # optim
@@ -127,6 +133,8 @@ if args.dataset != "synthetic" and "size" in cli:
 for bad, message in [  # user errors: one line each, before anything is built
         (not 0 < args.alpha <= 1, f"--alpha {args.alpha}: must be in (0, 1]; Eq. (3) weighs the CE by alpha"),
         (args.K < 0, f"--K {args.K}: the branches per sub-block must be 0 (plain ASPP) or more"),
+        (args.image_codec and args.decoder != "none", "--image-codec fine-tunes the No Compression model of "
+                                                      "a conventional pipeline: use it with --decoder none"),
         (args.decoder == "jd" and args.F % 64, f"--F {args.F}: JD's DWUpConv has 64 groups, so F must be a "
                                                "multiple of 64"),
         (args.max_iters is not None and args.max_iters < 0, f"--max-iters {args.max_iters}: must be 0 or more"),
@@ -136,6 +144,11 @@ for bad, message in [  # user errors: one line each, before anything is built
         (args.eval_interval < 1 or args.log_interval < 1, "--eval-interval and --log-interval must be 1 or more")]:
     if bad:
         sys.exit(message)
+if args.image_codec:
+    try:
+        image_codec_format(args.image_codec)  # HEVC's optional package: one line if it is missing
+    except ValueError as e:
+        sys.exit(f"--image-codec: {e}")
 if print_config:
     print(json.dumps(vars(args), indent=2))
     print("fixed in the code: Adam betas (0.9, 0.99), weight decay 0, poly LR power 0.9, Kaiming init"
@@ -206,9 +219,10 @@ if not args.resume and not args.edge_from and args.encoder_weights != "none":
         named = (args.encoder_weights, args.encoder) in PRETRAINED  # torchvision's, or a file
         path = pretrained_file(args.encoder_weights, args.encoder) if named else args.encoder_weights
         ignored = load_encoder_weights(model.E, path)
-        whole = args.encoder_weights == "deeplabv3-coco" and args.decoder == "none"
-        if whole:  # torchvision's DeepLabv3 as it is: the paper's COCO No Compression model
-            load_deeplab_head(model.D, path)
+        # No Compression takes the file's head too: torchvision's DeepLabv3 as it is (the paper's
+        # COCO No Compression model), or a trained one to fine-tune on decoded images
+        whole = args.decoder == "none" and load_deeplab_head(model.D, path)
+        if whole and args.encoder_weights == "deeplabv3-coco":
             ignored = ["aux_classifier.*"]
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"--encoder-weights: {e}")
@@ -308,6 +322,10 @@ while iter_num < args.max_iters:
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     # the noise of the rate model and dropout depend on (seed, rank, iteration) only: exact resume
     torch.manual_seed(int(np.random.SeedSequence([args.seed, rank, iter_num]).generate_state(1)[0]))
+    if args.image_codec:  # Fig. 1a: the cloud sees decoded images, each at a random quality
+        qualities = IMAGE_CODECS[args.image_codec][2]
+        x = torch.cat([code_images(xi[None], args.image_codec, qualities[torch.randint(len(qualities), ())])[0]
+                       for xi in x])
 
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp):
         out = model(x)
