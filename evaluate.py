@@ -179,7 +179,7 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
 # codec -> (label, Pillow format, qualities of its RD sweep). bpp counts every byte of the
 # file sent: at 128x256 a HEIF container's ~400 fixed bytes are 0.1 bpp, AVIF's ~300.
 # "learned" stands in for Song et al.'s codec: CompressAI's scale hyperprior [Balle et al.
-# 2018] (bmshj2018_hyperprior, MSE), its pretrained weights for qualities 1-8 downloaded once
+# 2018] (bmshj2018_hyperprior, MSE), its pretrained weights for qualities 1-6 downloaded once
 IMAGE_CODECS = {
     "jpeg": ("JPEG", "JPEG", [2, 5, 10, 20, 35, 50, 75, 90]),
     "webp": ("WebP", "WEBP", [0, 5, 10, 20, 35, 50, 75, 90]),
