@@ -422,6 +422,10 @@ PRESETS = {  # setting: (synthetic, cityscapes, coco)
     # JD's ASPP dilations: on the demo's 8x16 latent, (5, 10, 15) would mostly see padding
     "dilations": ([1, 2, 3], [5, 10, 15], [5, 10, 15]),
     "head": ("torchvision", "mmseg", "torchvision"),  # the baselines' DeepLabv3 head D (model.py)
+    # the scale-hyperprior image codec of Fig. 1a / 1b (jsde, codec): z channels N, y channels M;
+    # the paper's sizes are CompressAI's bmshj2018_hyperprior at its high rates
+    "codec_N": (64, 192, 192),
+    "codec_M": (96, 320, 320),
     "alpha": (0.6, 0.9, 0.9),  # the paper sweeps alpha without listing its values
     "max_iters": (350, 80_000, None),  # the demo: under 5 minutes on 2 CPU cores
     "epochs": (None, None, 42),  # COCO's recipe counts epochs

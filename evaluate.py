@@ -34,9 +34,9 @@ import entropy  # first: it silences compressai's import-time warning
 from compressai.models import ScaleHyperprior  # noqa: E402  (the learned codec of Fig. 1a)
 from compressai.zoo.image import model_urls  # noqa: E402
 from compressai.zoo.pretrained import load_pretrained  # noqa: E402
-from data import DATASETS, colorize, denormalize, normalize, preset, val_dataset
+from data import DATASETS, MEAN, STD, colorize, denormalize, normalize, preset, val_dataset
 from entropy import bits_per_pixel
-from model import build_model, hub_file, load_checkpoint, masks, read_weights
+from model import build_model, hub_file, load_checkpoint, masks, read_checkpoint, read_weights
 from reparam import reparameterize, speed_up
 
 # -----------------------------------------------------------------------------
@@ -64,6 +64,50 @@ def num_classes(model):
     return (model.JD if model.decoder == "jd" else model.D).classifier.out_channels
 
 
+# image quality, for the image-output decoders (the learned codec, the attacker)
+
+
+def image_mse(x_hat, x):
+    """Per-image mean squared error (B,) of two normalized batches, in [0, 1] image units."""
+    std = torch.tensor(STD, device=x.device).reshape(1, 3, 1, 1)
+    return ((x_hat - x) * std).pow(2).flatten(1).mean(1)
+
+
+def to_unit(x):
+    """A normalized batch (B, 3, H, W) -> RGB in [0, 1], clamped."""
+    mean, std = (torch.tensor(v, device=x.device).reshape(1, 3, 1, 1) for v in (MEAN, STD))
+    return (x * std + mean).clamp(0, 1)
+
+
+def psnr(x_hat, x):
+    """PSNR in dB (B,) of [0, 1] images: 10 log10(1 / MSE)."""
+    return -10 * torch.log10((x_hat - x).pow(2).flatten(1).mean(1).clamp(min=1e-10))
+
+
+def ssim(x_hat, x, window=11, sigma=1.5):
+    """SSIM (B,) of [0, 1] images [Wang et al. 2004]: per channel, local means, variances and
+    covariance under an 11x11 Gaussian window (sigma 1.5, valid positions only), C1 = 0.01^2,
+    C2 = 0.03^2, the map averaged over positions and channels."""
+    t = torch.arange(window, dtype=x.dtype, device=x.device) - (window - 1) / 2
+    g = torch.exp(-t**2 / (2 * sigma**2))
+    g = (g[:, None] * g[None, :] / g.sum() ** 2).expand(x.shape[1], 1, window, window)
+
+    def blur(v):
+        return torch.nn.functional.conv2d(v, g, groups=x.shape[1])
+
+    mu_x, mu_y = blur(x_hat), blur(x)
+    var_x, var_y = blur(x_hat * x_hat) - mu_x**2, blur(x * x) - mu_y**2
+    cov = blur(x_hat * x) - mu_x * mu_y
+    C1, C2 = 0.01**2, 0.03**2
+    s = (2 * mu_x * mu_y + C1) * (2 * cov + C2) / ((mu_x**2 + mu_y**2 + C1) * (var_x + var_y + C2))
+    return s.flatten(1).mean(1)
+
+
+def quality(m):
+    """"mIoU 0.7627" for a segmenter's metrics, "PSNR 24.31 dB, SSIM 0.712" for an image decoder's."""
+    return f"PSNR {m['psnr']:.2f} dB, SSIM {m['ssim']:.3f}" if "psnr" in m else f"mIoU {m['miou']:.4f}"
+
+
 @torch.no_grad()
 def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world_size=1):
     """mIoU over `dataset`, and bits per pixel: from the real byte strings (the whole
@@ -72,19 +116,20 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
     without, from the eval-mode forward. Each rank evaluates every world_size-th image; the
     counts are summed across ranks, so none is counted twice."""
     model.eval()
-    S = num_classes(model)
+    image_out = model.image_out  # the learned codec and the attacker rebuild x: PSNR and SSIM
+    S = 1 if image_out else num_classes(model)
     compressed = model.decoder != "none"
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     loader = torch.utils.data.DataLoader(subset, batch_size=batch_size)
     cm = torch.zeros(S, S, dtype=torch.int64)
-    stats = torch.zeros(5, dtype=torch.float64)  # real bits, estimated bits, pixels, images, refused
+    stats = torch.zeros(7, dtype=torch.float64)  # real bits, est. bits, pixels, images, refused, PSNR, SSIM
     refused = None
     for x, y in loader:
         x, y = x.to(device), y.to(device)
         pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
         out = model(x)  # eval mode: rounded latents, the likelihoods of Eq. (1); with real bits E
         #                 runs again in compress: one path, the deployed one, at twice E's cost
-        logits = out["logits"]
+        logits = out["x_hat" if image_out else "logits"]
         if compressed:
             stats[1] += bits_per_pixel(out["likelihoods"], pixels).item() * pixels
         if compressed and real_bits and refused is None:
@@ -95,7 +140,12 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
             else:
                 stats[0] += 8 * sum(len(s) for s in strings)
                 logits = model.decompress(strings)  # the cloud, from the bytes alone
-        cm += confusion_matrix(masks(logits), y, S)
+        if image_out:  # the image as the cloud would show it: in [0, 1], rounded to 8 bits
+            x_hat, x01 = (torch.round(255 * to_unit(v)) / 255 for v in (logits, x))
+            stats[5] += psnr(x_hat, x01).sum().item()
+            stats[6] += ssim(x_hat, x01).sum().item()
+        else:
+            cm += confusion_matrix(masks(logits), y, S)
         stats[2] += pixels
         stats[3] += x.shape[0]
     if world_size > 1:
@@ -105,7 +155,9 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
         cm, stats = cm.cpu(), stats.cpu()
     miou, per_class = iou(cm)
     coded = compressed and real_bits and stats[4] == 0
-    return {"miou": miou, "iou": per_class, "n_images": int(stats[3]),
+    scores = {"psnr": (stats[5] / stats[3]).item(), "ssim": (stats[6] / stats[3]).item()} if image_out else \
+        {"miou": miou, "iou": per_class}
+    return {**scores, "n_images": int(stats[3]),
             "bpp_real": (stats[0] / stats[2]).item() if coded else None,
             "bpp_est": (stats[1] / stats[2]).item() if compressed else None,
             **({"refused": refused or "on another process"} if stats[4] else {})}
@@ -200,13 +252,26 @@ def image_codec_format(codec):
         except ImportError:
             raise ValueError("HEVC needs pillow-heif (libheif + x265): pip install pillow-heif") from None
         pillow_heif.register_heif_opener()
-    if codec == "learned":
+    if codec == "learned" and not OWN_CODECS:
         for q in IMAGE_CODECS[codec][2]:
             hub_file(model_urls["bmshj2018-hyperprior"]["mse"][q])  # downloaded once, or one clear line
     return IMAGE_CODECS[codec][1]
 
 
 LEARNED = {}  # quality -> the loaded codec
+OWN_CODECS = {}  # quality -> the project's codec (train.py --decoder codec), if use_learned_codecs
+
+
+def use_learned_codecs(paths):
+    """Make "learned" the project's own codecs: train.py --decoder codec checkpoints, one per
+    rate, numbered 1, 2, ... by increasing alpha (more bits) as its qualities."""
+    codecs = [load_checkpoint(p) for p in paths]
+    if any(ckpt["args"]["decoder"] != "codec" for _, ckpt in codecs):
+        raise ValueError("--learned-codec takes checkpoints of train.py --decoder codec")
+    codecs.sort(key=lambda mc: mc[1]["args"]["alpha"])
+    OWN_CODECS.clear()
+    OWN_CODECS.update({q: model for q, (model, _) in enumerate(codecs, 1)})
+    IMAGE_CODECS["learned"] = ("learned (scale hyperprior, ours)", None, list(OWN_CODECS))
 
 
 def learned_codec(quality):
@@ -222,6 +287,12 @@ def learned_codec(quality):
 @torch.no_grad()
 def code_image(image, codec, quality):
     """uint8 (H, W, 3) -> (the decoded uint8 image, the number of bytes sent)."""
+    if codec == "learned" and quality not in IMAGE_CODECS["learned"][2]:
+        raise ValueError(f"the learned codec has the qualities {IMAGE_CODECS['learned'][2]}, not {quality}")
+    if codec == "learned" and OWN_CODECS:  # our container, header included, as for JD's bits
+        net = OWN_CODECS[quality]
+        strings = net.compress(normalize(image)[None])
+        return denormalize(net.decompress(strings)[0]), len(strings[0])
     if codec == "learned":  # the image padded to a multiple of 64 (g_a's and h_a's strides)
         net, (H, W) = learned_codec(quality), image.shape[:2]
         x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
@@ -274,6 +345,10 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("j
         model, ckpt = load_checkpoint(path, device)
         speed_up(model)  # a deployed JD runs its faster forwards
         cfg = ckpt["args"]
+        if model.image_out:
+            print(f"{path}: left out, a {cfg['decoder']} model rebuilds images (codec: --learned-codec; "
+                  "inversion: --privacy)")
+            continue
         ds, _ = val_dataset(cfg, split, limit, data_root)
         m = evaluate(model, ds, device)
         if "refused" in m:
@@ -310,6 +385,8 @@ def miou_at(points, bpp):
 
 def codec_label(method):
     """"jpeg" -> "JPEG", "hevc-ft" -> "HEVC (x265 intra), fine-tuned"."""
+    if method == "jsde":
+        return "JSDE (Torfason et al., Fig. 1b)"
     codec, _, ft = method.partition("-")
     return IMAGE_CODECS[codec][0] + (", fine-tuned" if ft else "")
 
@@ -318,9 +395,9 @@ def rd_compare(rows):
     """The RD claims as numbers, from rd_points' rows:
     - each JD point against Ahuja's curve of the same seed at the same real bpp (and each
       Ahuja point against JD's): difference in mIoU, None outside the other curve's rates;
-    - each point of each conventional pipeline (codec, plain or fine-tuned) against the best
-      feature-coding point (JD or Ahuja) that needs no more bits: a positive margin means
-      feature coding is better at that rate."""
+    - each point of each conventional pipeline (codec, plain or fine-tuned) and of JSDE against
+      the best feature-coding point (JD or Ahuja) that needs no more bits: a positive margin
+      means feature coding is better at that rate."""
     curves = {}
     for r in rows:
         curves.setdefault(r["method"], []).append((r["bpp_real"], r["miou"]))
@@ -337,7 +414,7 @@ def rd_compare(rows):
                                            "ahuja": miou if m == "ahuja" else ref})
     feature = curves.get("jd", []) + curves.get("ahuja", [])
     for method in curves:
-        if method.partition("-")[0] in IMAGE_CODECS:
+        if method.partition("-")[0] in IMAGE_CODECS or method == "jsde":
             out["feature_vs_codec"][method] = []
             for bpp, miou in curves[method]:
                 best = max((mf for bf, mf in feature if bf <= bpp), default=None)
@@ -369,7 +446,8 @@ def plot_rd(rows, path, title=""):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
-    styles = {"jd": ("o-", "C3", "JD (ours, Fig. 1d)"), "ahuja": ("s-", "C0", "Ahuja et al. SD + D (Fig. 1c)")}
+    styles = {"jd": ("o-", "C3", "JD (ours, Fig. 1d)"), "ahuja": ("s-", "C0", "Ahuja et al. SD + D (Fig. 1c)"),
+              "jsde": ("D-", "C8", "JSDE, Torfason et al. (Fig. 1b)")}
     for codec, colour in zip(IMAGE_CODECS, ("C2", "C4", "C5", "C1", "C6")):
         styles[codec] = ("^:", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 (Fig. 1a)")
         styles[codec + "-ft"] = ("^--", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 fine-tuned")
@@ -396,12 +474,14 @@ def plot_rd(rows, path, title=""):
 # pictures (Fig. 6)
 
 
-def label_picture(panels, titles, classes, palette):
-    """Panels side by side under their titles, with a colour legend of the classes below."""
+def label_picture(panels, titles, classes=None, palette=None):
+    """Panels side by side under their titles, with a colour legend of the classes below
+    (none if classes is None)."""
     H, W = panels[0].shape[:2]
     font = ImageFont.load_default()
-    entries = [(name, tuple(colour)) for name, colour in zip(classes, palette)]
-    entries.append(("ignore (255)", tuple(int(c) for c in colorize([[255]], palette)[0, 0])))
+    entries = [(name, tuple(colour)) for name, colour in zip(classes, palette)] if classes else []
+    if classes:
+        entries.append(("ignore (255)", tuple(int(c) for c in colorize([[255]], palette)[0, 0])))
     legend, x, y = [], 4, 4  # (x, y, name, colour) in the legend strip, wrapped to the width
     for name, colour in entries:
         w = 16 + int(font.getlength(name)) + 10
@@ -439,6 +519,124 @@ def save_vis(model, dataset, classes, palette, out_dir, n, device):
         paths.append(os.path.join(out_dir, f"{i:03d}_{tag}.png"))
         label_picture(panels, ["image", "ground truth", title], classes, palette).save(paths[-1])
     return paths
+
+
+# -----------------------------------------------------------------------------
+# the data-protection claim (Sec. 1): how well does an attacker holding the bits rebuild x?
+
+
+def attacked_system(cfg):
+    """The decoder (jd or ahuja) of the checkpoint whose edge an inversion model attacks."""
+    try:
+        return read_checkpoint(cfg["edge_from"])["args"]["decoder"]
+    except (ValueError, FileNotFoundError, KeyError, TypeError):
+        return "unknown"
+
+
+@torch.no_grad()
+def codec_image_quality(dataset, codec, qualities=None):
+    """PSNR and SSIM of each val image coded and decoded by an image codec, bpp from the bytes
+    sent, at each quality: what anyone who intercepts an image code sees."""
+    rows = []
+    for q in qualities or IMAGE_CODECS[codec][2]:
+        bits = pixels = score_psnr = score_ssim = 0.0
+        for x, _ in torch.utils.data.DataLoader(dataset, batch_size=8):
+            decoded, n_bytes = code_images(x, codec, q)
+            x_hat, x01 = (torch.round(255 * to_unit(v)) / 255 for v in (decoded, x))
+            score_psnr += psnr(x_hat, x01).sum().item()
+            score_ssim += ssim(x_hat, x01).sum().item()
+            bits, pixels = bits + 8 * n_bytes, pixels + x.shape[0] * x.shape[-2] * x.shape[-1]
+        rows.append({"system": codec, "quality": q, "bpp_real": bits / pixels,
+                     "psnr": score_psnr / len(dataset), "ssim": score_ssim / len(dataset)})
+    return rows
+
+
+@torch.no_grad()
+def mask_painting(dataset):
+    """What the mask alone gives away: each pixel painted with its class's mean colour (over
+    the set; ignored pixels with the mean of all), from the ground-truth masks. Returns the
+    row of its PSNR and SSIM and the painting of image 0. An attack that does no better than
+    this recovers nothing beyond the mask, which the cloud is meant to have."""
+    images = [(to_unit(x[None])[0], y) for x, y in dataset]
+    S = 256
+    sums, counts = torch.zeros(S, 3, dtype=torch.float64), torch.zeros(S, dtype=torch.float64)
+    for x, y in images:
+        sums.index_add_(0, y.flatten(), x.flatten(1).T.double())
+        counts += torch.bincount(y.flatten(), minlength=S).double()
+    colours = torch.where(counts[:, None] > 0, sums / counts.clamp(min=1)[:, None], sums.sum(0) / counts.sum()).float()
+    paint = [colours[y].permute(2, 0, 1)[None] for _, y in images]
+    score_psnr = sum(psnr(p, x[None]).item() for p, (x, _) in zip(paint, images))
+    score_ssim = sum(ssim(p, x[None]).item() for p, (x, _) in zip(paint, images))
+    return {"checkpoint": None, "system": "mask only", "alpha": None, "bpp_real": None,
+            "psnr": score_psnr / len(images), "ssim": score_ssim / len(images)}, paint[0]
+
+
+def privacy(ckpts, device, split="val", limit=None, data_root=None, codecs=("jpeg",), qualities=None):
+    """Rows (system, alpha, bpp_real, PSNR, SSIM) of the inversion attacks (train.py --decoder
+    inversion --edge-from CKPT) on their bitstreams, and of the image codecs decoded normally
+    on the same images; and the panels of a picture of the first image."""
+    rows, panels, ds = [], [], None
+    for path in ckpts:
+        model, ckpt = load_checkpoint(path, device)
+        cfg = ckpt["args"]
+        if cfg["decoder"] != "inversion":
+            raise ValueError(f"{path} is a {cfg['decoder']} checkpoint; --privacy takes train.py --decoder "
+                             "inversion checkpoints")
+        ds, full = val_dataset(cfg, split, limit, data_root)
+        m = evaluate(model, ds, device)
+        if "refused" in m:
+            raise ValueError(f"{path}: its edge codes no bitstream: {m['refused']}")
+        system = attacked_system(cfg)
+        rows.append({"checkpoint": path, "system": f"attack on {system}", "alpha": cfg["alpha"],
+                     "bpp_real": m["bpp_real"], "psnr": m["psnr"], "ssim": m["ssim"]})
+        x = ds[0][0][None].to(device)
+        strings = model.compress(x)
+        x_hat = model.decompress(strings)
+        panels.append((to_unit(x_hat), f"attack, {system} bits", 8 * len(strings[0]) / x[0, 0].numel()))
+        print(f"{path}: attack on {system}'s bits (alpha {cfg['alpha']}): {m['bpp_real']:.4f} bpp, "
+              f"{quality(m)}")
+    row, painting = mask_painting(ds)
+    rows.append(row)
+    print(f"  the ground-truth mask painted in class mean colours: PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.3f}")
+    for codec in codecs:
+        for r in codec_image_quality(ds, codec, qualities):
+            rows.append({"checkpoint": None, "alpha": None, **r})
+            print(f"  {IMAGE_CODECS[codec][0]} q={r['quality']}: {r['bpp_real']:.4f} bpp, "
+                  f"PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}")
+    # the picture: the original, each attack, and each codec at the rate nearest to each attack's
+    x = ds[0][0][None]
+    for codec in codecs:
+        near = {min((r for r in rows if r["system"] == codec), key=lambda r: abs(math.log(r["bpp_real"] / b)))["quality"]
+                for _, _, b in panels[: len(ckpts)]}
+        for q in sorted(near):
+            decoded, n_bytes = code_images(x, codec, q)
+            panels.append((to_unit(decoded), f"{IMAGE_CODECS[codec][0].split(' ')[0]} q={q}", 8 * n_bytes / x[0, 0].numel()))
+    x01 = torch.round(255 * to_unit(x)) / 255
+    panels.insert(len(ckpts), (painting, "mask only", None))
+    images = [(x01, "original", None)] + [(torch.round(255 * p.cpu()) / 255, t, b) for p, t, b in panels]
+    titles = [t if k == 0 else f"{t}: {'' if b is None else f'{b:.3f} bpp, '}{psnr(p, x01).item():.1f} dB"
+              for k, (p, t, b) in enumerate(images)]
+    pictures = [(p[0].permute(1, 2, 0) * 255).round().byte().numpy() for p, _, _ in images]
+    strips = [label_picture(pictures[k:k + 4], titles[k:k + 4]) for k in range(0, len(pictures), 4)]
+    grid = Image.new("RGB", (max(s.width for s in strips), sum(s.height for s in strips)), "white")
+    for k, strip in enumerate(strips):  # rows of four panels
+        grid.paste(strip, (0, sum(s.height for s in strips[:k])))
+    return rows, grid
+
+
+def print_privacy(rows):
+    """Each attack beside the codecs' points nearest in rate."""
+    print("attack on the bits vs an image code decoded normally, at the nearest rate:")
+    for r in rows:
+        if r["checkpoint"] is None:
+            if r["system"] == "mask only":
+                print(f"  the mask alone (class mean colours): PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}")
+            continue
+        line = f"  {r['system']:15s} alpha {r['alpha']}: {r['bpp_real']:.4f} bpp, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}"
+        for codec in dict.fromkeys(c["system"] for c in rows if c["checkpoint"] is None and c["bpp_real"]):
+            c = min((c for c in rows if c["system"] == codec), key=lambda c: abs(math.log(c["bpp_real"] / r["bpp_real"])))
+            line += f"; {codec} {c['bpp_real']:.4f} bpp: {c['psnr']:.2f} dB, {c['ssim']:.3f}"
+        print(line)
 
 
 # -----------------------------------------------------------------------------
@@ -556,9 +754,11 @@ def print_benchmark(b):
 # Tables 2, 4 also list Song et al.'s learned image codec (Fig. 1a): "codec_edge", "codec_cloud".
 PAPER_COMPLEXITY = {
     "coco": {"edge": (25.14, 103), "jd": (1.66, 10), "ahuja": (16.78, 521),
-             "codec_edge": (18.77, 211), "codec_cloud": (67.21, 1386)},
+             "codec_edge": (18.77, 211), "codec_cloud": (67.21, 1386),
+             "jsde_edge": (8.31, 28), "jsde_cloud": (43.23, 734)},
     "cityscapes": {"edge": (25.14, 801), "jd": (4.92, 39), "ahuja": (42.44, 1366),
-                   "codec_edge": (18.77, 1687), "codec_cloud": (93.30, 2834)},
+                   "codec_edge": (18.77, 1687), "codec_cloud": (93.30, 2834),
+                   "jsde_edge": (8.31, 210), "jsde_cloud": (69.32, 1153)},
 }
 # (edge input, cloud input) per preset; the paper's COCO cloud numbers only fit 1024x2048
 RESOLUTIONS = {"synthetic": ((128, 256), (128, 256)), "coco": ((513, 513), (1024, 2048)),
@@ -586,6 +786,7 @@ def complexity(dataset, K=None):
     # hyperprior at its high-rate size (bmshj2018_hyperprior, qualities 6-8: N = 192, M = 320).
     # Edge: g_a, h_a and h_s (sigma codes y), the entropy bottleneck; cloud: h_s, g_s, E, D
     codec = ScaleHyperprior(192, 320).to("meta")  # built on the CPU: GDN computes at init
+    jsde = build_model({**cfg, "decoder": "jsde"}).to("meta").eval()  # Fig. 1b: the codec's edge, JSDE, D
     with torch.device("meta"):  # shapes only: no memory, no arithmetic
         jd, ahuja, nocomp = (build_model({**cfg, "decoder": d}).eval() for d in ("jd", "ahuja", "none"))
         jd_deployed = reparameterize(jd)  # the branch fusion itself, on shapes only
@@ -596,7 +797,7 @@ def complexity(dataset, K=None):
         h_hat = torch.empty(1, N, *entropy.hyper_size((ch, cw)))
 
         def edge(model):  # the transmitter also runs HD: it needs sigma to code r
-            return lambda x: model.hyperprior.HD(model.SE(model.E(x))[1])
+            return lambda x: model.hyperprior.HD(model.edge(x)[1])
 
         def cloud(model):
             return lambda r_hat, h_hat: (model.hyperprior.HD(h_hat),
@@ -617,6 +818,12 @@ def complexity(dataset, K=None):
         }
         y_hat = torch.empty(1, 320, -(-ch // 16), -(-cw // 16))
         z_hat = torch.empty(1, 192, -(-ch // 64), -(-cw // 64))
+        y_jsde = torch.empty(1, jsde.SE.g_a[-1].out_channels, *entropy.latent_size((ch, cw)))
+        z_jsde = torch.empty(1, jsde.hyperprior.N, *entropy.hyper_size((ch, cw)))
+        out.update(jsde_edge_params=count_params(jsde.SE, jsde.hyperprior),
+                   jsde_edge_gmacs=count_gmacs(edge(jsde), x),
+                   jsde_cloud_params=count_params(jsde.hyperprior, jsde.JSDE, jsde.D),
+                   jsde_cloud_gmacs=count_gmacs(cloud(jsde), y_jsde, z_jsde))
         out.update(codec_edge_params=count_params(codec.g_a, codec.h_a, codec.h_s, codec.entropy_bottleneck),
                    codec_edge_gmacs=count_gmacs(lambda x: codec.h_s(codec.h_a(codec.g_a(x))), x),
                    codec_cloud_params=count_params(codec.h_s, codec.g_s, nocomp),
@@ -642,7 +849,9 @@ def print_complexity(c):
             ("cloud: Ahuja et al. SD + D", "ahuja", "ahuja"),
             ("cloud: No Compression D", "nocomp", None),
             ("edge: learned codec g_a, h_a, h_s", "codec_edge", "codec_edge"),
-            ("cloud: codec h_s, g_s + E + D", "codec_cloud", "codec_cloud")]
+            ("cloud: codec h_s, g_s + E + D", "codec_cloud", "codec_cloud"),
+            ("edge: JSDE's codec g_a, h_a, h_s", "jsde_edge", "jsde_edge"),
+            ("cloud: h_s + JSDE + D (Fig. 1b)", "jsde_cloud", "jsde_cloud")]
     for name, key, pkey in rows:
         pp, pg = paper.get(pkey, ("-", "-"))
         print(f"{name:34s} {c[key + '_params'] / 1e6:10.2f} {pp:>7} {c[key + '_gmacs']:9.2f} {pg:>7}")
@@ -650,7 +859,8 @@ def print_complexity(c):
     pr, gr = (f"{100 * jp / ap:6.2f}%", f"{100 * jg / ag:6.2f}%") if paper else ("-", "-")
     print(f"{'JD (deployed) / (SD + D)':34s} {100 * c['jd_params'] / c['ahuja_params']:9.2f}% "
           f"{pr:>7} {100 * c['jd_gmacs'] / c['ahuja_gmacs']:8.2f}% {gr:>7}")
-    print("(learned codec: our stand-in, CompressAI's scale hyperprior N = 192, M = 320; paper: Song et al.)")
+    print("(learned codec: our stand-in, CompressAI's scale hyperprior N = 192, M = 320; paper: Song et al.; "
+          "JSDE: its edge is that codec less g_s, Torfason et al. [43] as trained by Liu et al. [30])")
 
 
 # -----------------------------------------------------------------------------
@@ -662,6 +872,8 @@ def get_args_parser():
     p.add_argument("--ckpt", default=None, help="a train.py / reparam.py checkpoint")
     p.add_argument("--rd", nargs="+", default=None, metavar="CKPT", help="checkpoints for an RD plot/CSV")
     p.add_argument("--benchmark", choices=["cloud"], default=None, help="time JD vs Ahuja's cloud per image")
+    p.add_argument("--privacy", nargs="+", default=None, metavar="CKPT", help="inversion attacks (train.py "
+                   "--decoder inversion) vs --image-codecs decoded normally: PSNR, SSIM, bpp; --plot a picture")
     p.add_argument("--complexity", action="store_true", help="print params/GMACs vs the paper's tables")
     # data
     p.add_argument("--split", default="val", help="dataset split")
@@ -679,6 +891,9 @@ def get_args_parser():
     p.add_argument("--csv", default=None, help="RD table (CSV) for --rd")
     p.add_argument("--image-codecs", default="jpeg", help="conventional pipelines for --rd, comma-separated: "
                    f"{','.join(IMAGE_CODECS)} (hevc needs pip install pillow-heif); default %(default)s")
+    p.add_argument("--learned-codec", nargs="+", default=None, metavar="CKPT",
+                   help="the project's learned codecs (train.py --decoder codec, one per rate) for `learned`, "
+                   "instead of CompressAI's pretrained ones (a download)")
     p.add_argument("--codec-qualities", type=int, nargs="+", default=None,
                    help="qualities for every --image-codecs codec (default: each codec's sweep, IMAGE_CODECS)")
     # complexity and benchmark
@@ -695,28 +910,43 @@ def get_args_parser():
     return p
 
 
+def write_csv(rows, path, keys):
+    with open(path, "w") as f:
+        f.write(",".join(keys) + "\n")
+        for row in rows:
+            f.write(",".join("" if row.get(k) is None else str(row[k]) for k in keys) + "\n")
+
+
 def main(args):
     out = None
     entropy.MAX_IMAGE_PIXELS = args.max_image_pixels  # as PIL.Image.MAX_IMAGE_PIXELS
+    codecs = [c for c in args.image_codecs.split(",") if c]
+    if args.learned_codec:
+        use_learned_codecs(args.learned_codec)
+    if args.rd or args.privacy:
+        for codec in codecs:
+            image_codec_format(codec)  # an unknown codec or a missing pillow-heif: one line, before any work
     if args.complexity:
         out = complexity(args.dataset, args.K)
         print_complexity(out)
     elif args.benchmark:
         out = benchmark_cloud(args.dataset, args.size, args.batch_size or 4, args.repeat, args.device, args.bpp)
         print_benchmark(out)
+    elif args.privacy:
+        out, picture = privacy(args.privacy, args.device, args.split, args.limit, args.data_root, codecs,
+                               args.codec_qualities)
+        print_privacy(out)
+        if args.csv:
+            write_csv(out, args.csv, ["checkpoint", "system", "alpha", "quality", "bpp_real", "psnr", "ssim"])
+        if args.plot:
+            picture.save(args.plot)
+            print(f"wrote {args.plot}")
     elif args.rd:
-        codecs = [c for c in args.image_codecs.split(",") if c]
-        for codec in codecs:
-            image_codec_format(codec)  # an unknown codec or a missing pillow-heif: one line, before any work
         out = rd_points(args.rd, args.device, args.split, args.limit, args.data_root, codecs, args.codec_qualities)
         print_rd_compare(rd_compare(out))
         if args.csv:
-            keys = ["checkpoint", "dataset", "system", "finetuned", "method", "alpha", "K", "seed", "quality",
-                    "bpp_real", "bpp_est", "miou"]
-            with open(args.csv, "w") as f:
-                f.write(",".join(keys) + "\n")
-                for row in out:
-                    f.write(",".join("" if row.get(k) is None else str(row[k]) for k in keys) + "\n")
+            write_csv(out, args.csv, ["checkpoint", "dataset", "system", "finetuned", "method", "alpha", "K", "seed",
+                                      "quality", "bpp_real", "bpp_est", "miou"])
         if args.plot:
             plot_rd(out, args.plot, f"{out[0]['dataset']}, {args.split} set")
             print(f"wrote {args.plot}")
@@ -724,6 +954,9 @@ def main(args):
         model, ckpt = load_checkpoint(args.ckpt, args.device)
         speed_up(model)  # a deployed JD runs its faster forwards
         ds, full = val_dataset(ckpt["args"], args.split, args.limit, args.data_root)
+        if model.image_out and (args.from_bitstreams or args.save_vis):
+            raise ValueError(f"--from-bitstreams and --save-vis score and draw masks; a {model.decoder} model "
+                             "rebuilds images (--privacy draws them)")
         if args.save_bitstreams:
             n, total = save_bitstreams(model, ds, args.save_bitstreams, args.device, args.split, args.batch_size or 8)
             out = {"n_images": n, "bytes": total}
@@ -736,11 +969,12 @@ def main(args):
                   f"mIoU {out['miou']:.4f}, bpp (file bytes) {out['bpp_real']:.4f}")
         else:
             out = evaluate(model, ds, args.device, args.batch_size or 8)
-            print(f"per-class IoU ({out['n_images']} {args.split} images; nan: class neither in the labels "
-                  f"nor predicted)")
-            for name, v in zip(full.classes, out["iou"]):
-                print(f"  {name:16s} {v:.4f}")
-            line = f"{args.split} ({out['n_images']} images): mIoU {out['miou']:.4f}"
+            if not model.image_out:
+                print(f"per-class IoU ({out['n_images']} {args.split} images; nan: class neither in the labels "
+                      f"nor predicted)")
+                for name, v in zip(full.classes, out["iou"]):
+                    print(f"  {name:16s} {v:.4f}")
+            line = f"{args.split} ({out['n_images']} images): {quality(out)}"
             if "refused" in out:
                 line += f" (eval forward); no bitstream: {out['refused']}"
             elif out["bpp_real"] is not None:

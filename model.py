@@ -11,7 +11,10 @@ built bottom-up from torch/torchvision layers.
                           h --Q,AE----------+---+-- b_h --+--> AD -> h^
                      (B,64,H/64)                |         |
     Ahuja et al. [1] instead decode r^ -> SD -> z^ (B,C,H/8) -> D (DeepLabv3 head) -> m;
-    No Compression is E -> z -> D -> m, with nothing on the channel.
+    No Compression is E -> z -> D -> m, with nothing on the channel. The image-codec systems
+    code x itself: a learned codec (Fig. 1a) x -> g_a -> y ... y^ -> g_s -> x^ (then E, D in
+    the cloud), and Torfason et al.'s JSDE (Fig. 1b) y^ -> JSDE -> D -> m; an attacker's
+    Inversion decodes JD's bits r^ -> x^ (the data-protection test).
 
 E = DeepLabv3's dilated ResNet-50 (output stride 8), SE = source encoder (analysis g_a and
 hyper-analysis h_a), HD = hyper-decoder, JD = joint source and task decoder (Fig. 3) whose
@@ -32,6 +35,10 @@ import torchvision
 from torch.nn.functional import adaptive_avg_pool2d, interpolate, relu
 
 from entropy import HyperpriorCoder
+
+# compressai's import warning is silenced by entropy.py, imported above
+from compressai.models import ScaleHyperprior  # noqa: E402  (the learned codec's layers)
+from compressai.zoo.pretrained import load_pretrained  # noqa: E402
 
 # -----------------------------------------------------------------------------
 # building blocks
@@ -231,70 +238,184 @@ class D(nn.Module):
 
 
 # -----------------------------------------------------------------------------
+# the image-codec systems: the learned codec (Fig. 1a), JSDE (Fig. 1b); and the attacker
+
+
+class CodecSE(nn.Module):
+    """A learned image codec's edge [Balle et al. 2018]: analysis g_a, x -> y (M channels at
+    H/16, four 5x5 stride-2 convs with GDN) and hyper-analysis h_a, |y| -> z (N at H/64).
+    CompressAI's ScaleHyperprior(N, M) layers and names, so its weights load; y and z play
+    the roles of r and h (the same coder and container code them)."""
+
+    def __init__(self, N=192, M=320):
+        super().__init__()
+        codec = ScaleHyperprior(N, M)
+        self.g_a, self.h_a = codec.g_a, codec.h_a
+
+    def forward(self, x):
+        y = self.g_a(x)  # (B, M, H/16, W/16)
+        return y, self.h_a(torch.abs(y))  # z (B, N, H/64, W/64)
+
+
+def codec_HD(N=192, M=320):
+    """The codec's hyper-synthesis h_s: z^ -> sigma of y (CompressAI's ScaleHyperprior)."""
+    return ScaleHyperprior(N, M).h_s
+
+
+class ImageSynthesis(nn.Module):
+    """The learned codec's synthesis g_s: y^ -> x^ (B, 3, H, W), cropped to the image."""
+
+    def __init__(self, N=192, M=320):
+        super().__init__()
+        self.g_s = ScaleHyperprior(N, M).g_s
+
+    def forward(self, y_hat, image_size):
+        return self.g_s(y_hat)[..., : image_size[0], : image_size[1]]
+
+
+class JSDE(nn.Module):
+    """Torfason et al.'s joint source decoder and image encoder [43] as Liu et al. train it
+    [30] (Fig. 1b): y^ (M, H/16) -> two ConvTranspose(5x5, stride 2) + BN + ReLU, M -> 128
+    -> 64 channels at H/4, in place of ResNet's conv1 and maxpool -> the ResNet stages of E
+    (layer1-4 of the dilated ResNet-50, or the demo's layer1-2) -> z~ (C, H/8) for D. The
+    image is never reconstructed, but y^ is an image code: anyone with g_s can decode it."""
+
+    def __init__(self, M=320, arch="resnet50"):
+        super().__init__()
+        self.stem = nn.Sequential(
+            nn.ConvTranspose2d(M, 128, 5, 2, 2, output_padding=1, bias=False), nn.BatchNorm2d(128), nn.ReLU(),
+            nn.ConvTranspose2d(128, 64, 5, 2, 2, output_padding=1, bias=False), nn.BatchNorm2d(64), nn.ReLU())
+        resnet = E(arch)  # torchvision's stage names: a ResNet state dict loads into .layers
+        self.layers = nn.Sequential(OrderedDict((n, m) for n, m in resnet.named_children() if n.startswith("layer")))
+        self.C = resnet.C
+
+    def forward(self, y_hat, image_size):
+        return crop_to_z(self.layers(self.stem(y_hat)), image_size)  # (B, C, H/8, W/8)
+
+
+class Inversion(nn.Module):
+    """The attacker's decoder (a privacy test, not part of the paper's systems): r^ -> x^.
+    Ahuja et al.'s SD (r^ -> z^, C channels at H/8), then an image synthesis network of three
+    ConvTranspose(5x5, stride 2) + BN + ReLU, each followed by a 3x3 conv + BN + ReLU
+    (C -> 2 W -> W -> W / 2 channels, at H/4, H/2, H), and a 3x3 conv to the 3 colour
+    channels. W = 64 on the demo (0.9 M parameters in the synthesis: more than the demo
+    codec's g_s, 0.38 M), W = 128 for C = 2048."""
+
+    def __init__(self, C, N=64, W=64):
+        super().__init__()
+        self.SD = SD(C, N)
+        layers, cin = [], C
+        for w in (2 * W, W, W // 2):
+            layers += [nn.ConvTranspose2d(cin, w, 5, 2, 2, output_padding=1, bias=False), nn.BatchNorm2d(w),
+                       nn.ReLU(), *conv_bn(w, w, 3), nn.ReLU()]
+            cin = w
+        self.synthesis = nn.Sequential(*layers, nn.Conv2d(cin, 3, 3, 1, 1))
+
+    def forward(self, r_hat, image_size):
+        x_hat = self.synthesis(self.SD(r_hat, image_size))  # (B, 3, 8 ceil(H/8), 8 ceil(W/8))
+        return x_hat[..., : image_size[0], : image_size[1]]
+
+
+# -----------------------------------------------------------------------------
 # the whole system
 
 class DistributedSegmenter(nn.Module):
-    """Edge (E + SE + hyperprior) and cloud for one decoder type:
+    """Edge and cloud for one decoder type:
 
-      decoder="jd"     ours, Fig. 1d: bitstreams -> JD -> m
-      decoder="ahuja"  Ahuja et al., Fig. 1c: bitstreams -> SD -> z^ -> D -> m
-      decoder="none"   No Compression DeepLabv3: z -> D -> m (nothing to code)
+      decoder="jd"         ours, Fig. 1d: bitstreams of E's features -> JD -> m
+      decoder="ahuja"      Ahuja et al., Fig. 1c: the same bitstreams -> SD -> z^ -> D -> m
+      decoder="none"       No Compression DeepLabv3: z -> D -> m (nothing to code)
+      decoder="jsde"       Torfason et al., Fig. 1b: an image codec's bitstreams -> JSDE -> D -> m
+      decoder="codec"      the learned image codec of Fig. 1a: image bitstreams -> g_s -> x^
+      decoder="inversion"  an attacker: JD's or Ahuja's bitstreams -> SD + synthesis -> x^
 
     forward(x) is the training path (noisy latents, likelihoods for Eq. (1)); compress(x)
-    and decompress(strings) are the deployed edge and cloud, through real bitstreams."""
+    and decompress(strings) are the deployed edge and cloud, through real bitstreams. The
+    image-output decoders (codec, inversion) give "x_hat" (normalized as x) for "logits"."""
 
     def __init__(self, decoder="jd", S=21, F=256, K=1, encoder="resnet50", N=64,
-                 dilations=(5, 10, 15), head="torchvision", deployed=False):
+                 dilations=(5, 10, 15), head="torchvision", deployed=False, codec_N=192, codec_M=320):
         super().__init__()
         self.decoder = decoder
-        self.E = E(encoder)
-        C = self.E.C
-        if decoder == "none":
-            self.D = D(C, S, F, head)
-        elif decoder in ("jd", "ahuja"):
-            self.SE = SE(C, N)
-            self.hyperprior = HyperpriorCoder(HD(N), N)
+        if decoder in ("jsde", "codec"):  # the edge is an image codec's: no E
+            self.SE = CodecSE(codec_N, codec_M)
+            self.hyperprior = HyperpriorCoder(codec_HD(codec_N, codec_M), codec_N)
+            if decoder == "jsde":
+                self.JSDE = JSDE(codec_M, encoder)
+                self.D = D(self.JSDE.C, S, F, head)
+            else:
+                self.g_s = ImageSynthesis(codec_N, codec_M)
+        elif decoder in ("jd", "ahuja", "none", "inversion"):
+            self.E = E(encoder)
+            C = self.E.C
+            if decoder == "none":
+                self.D = D(C, S, F, head)
+            else:
+                self.SE = SE(C, N)
+                self.hyperprior = HyperpriorCoder(HD(N), N)
             if decoder == "jd":
                 self.JD = JD(S, F, K, N, dilations, deployed)
-            else:
+            elif decoder == "ahuja":
                 self.SD = SD(C, N)
                 self.D = D(C, S, F, head)
+            elif decoder == "inversion":
+                self.inversion = Inversion(C, N, 64 if C <= 512 else 128)
         else:
-            raise ValueError(f"unknown decoder {decoder!r}; choose jd, ahuja or none")
+            raise ValueError(f"unknown decoder {decoder!r}; choose from {', '.join(DECODERS)}")
         for name, child in self.named_children():
-            if name != "E":  # E keeps torchvision's own (Kaiming) initialization
+            # E keeps torchvision's (Kaiming) initialization, the codec's layers CompressAI's
+            if name not in ("E", "g_s") and not (name == "SE" and decoder in ("jsde", "codec")):
                 kaiming_init(child)
 
+    @property
+    def image_out(self):
+        """Whether the cloud rebuilds an image (x_hat) instead of a mask."""
+        return self.decoder in ("codec", "inversion")
+
+    def edge(self, x):
+        """The edge's networks: image -> the latents that are entropy coded (r, h) or (y, z)."""
+        return self.SE(x) if self.decoder in ("jsde", "codec") else self.SE(self.E(x))
+
     def cloud_head(self, r_hat, image_size):
-        """The cloud's network after entropy decoding: r^ -> logits (B, S, H, W)."""
+        """The cloud's network after entropy decoding: r^ (or y^) -> logits (B, S, H, W), or
+        the image x^ (B, 3, H, W) for the image-output decoders."""
         if self.decoder == "jd":
             return self.JD(r_hat, image_size)
+        if self.decoder == "jsde":
+            return self.D(self.JSDE(r_hat, image_size), image_size)
+        if self.decoder == "codec":
+            return self.g_s(r_hat, image_size)
+        if self.decoder == "inversion":
+            return self.inversion(r_hat, image_size)
         return self.D(self.SD(r_hat, image_size), image_size)
 
     def forward(self, x):
         image_size = x.shape[-2:]
-        z = self.E(x)  # (B, C, H/8, W/8)
         if self.decoder == "none":
-            return {"logits": self.D(z, image_size), "likelihoods": {}}
-        r, h = self.SE(z)
+            return {"logits": self.D(self.E(x), image_size), "likelihoods": {}}
+        r, h = self.edge(x)
         r_hat, likelihoods = self.hyperprior(r, h)  # noise in training, rounding in eval
-        return {"logits": self.cloud_head(r_hat, image_size), "likelihoods": likelihoods}
+        out = self.cloud_head(r_hat, image_size)
+        return {"x_hat" if self.image_out else "logits": out, "likelihoods": likelihoods}
 
     @torch.no_grad()
     def compress(self, x):
         """Edge: images (B, 3, H, W) -> B self-describing byte strings (entropy.py)."""
         if self.decoder == "none":
             raise ValueError("the No Compression model sends no bitstream")
-        r, h = self.SE(self.E(x))
+        r, h = self.edge(x)
         return self.hyperprior.compress(r, h, tuple(x.shape[-2:]))
 
     @torch.no_grad()
     def decompress(self, strings):
-        """Cloud: byte strings of images of one size -> logits (B, S, H, W)."""
+        """Cloud: byte strings of images of one size -> logits (B, S, H, W) (or x^)."""
         if self.decoder == "none":
             raise ValueError("the No Compression model sends no bitstream")
         r_hat, image_size = self.hyperprior.decompress(strings)  # refuses any bad string
         return self.cloud_head(r_hat, image_size)
+
+
+DECODERS = ("jd", "ahuja", "none", "jsde", "codec", "inversion")
 
 
 def masks(logits):
@@ -308,14 +429,15 @@ def masks(logits):
 # -----------------------------------------------------------------------------
 # checkpoints: the model is rebuilt from the settings saved beside its weights
 
-MODEL_KEYS = ("decoder", "num_classes", "F", "K", "encoder", "dilations", "head", "deployed")
+MODEL_KEYS = ("decoder", "num_classes", "F", "K", "encoder", "dilations", "head", "deployed", "codec_N", "codec_M")
 
 
 def build_model(cfg):
     """A DistributedSegmenter from a train.py config dict (vars(args))."""
     return DistributedSegmenter(cfg["decoder"], cfg["num_classes"], cfg["F"], cfg["K"],
                                 cfg["encoder"], dilations=tuple(cfg["dilations"]),
-                                head=cfg["head"], deployed=cfg.get("deployed", False))
+                                head=cfg["head"], deployed=cfg.get("deployed", False),
+                                codec_N=cfg.get("codec_N", 192), codec_M=cfg.get("codec_M", 320))
 
 
 # E's pretrained weights through torchvision's weights API: (source, encoder) -> weights
@@ -408,6 +530,34 @@ def load_deeplab_head(D, path):
         raise ValueError(f"{path}: its DeepLabv3 head does not fit D (another --F, --head or class count?): "
                          f"{first_mismatch(e)}") from None
     return True
+
+
+def load_codec_weights(model, path):
+    """Load an image codec's edge into a jsde (or codec) model: g_a, h_a, h_s and the entropy
+    models from a train.py --decoder codec checkpoint, or from a CompressAI ScaleHyperprior
+    state dict (e.g. its zoo's bmshj2018-hyperprior files, N = 192, M = 320 at qualities 6-8).
+    ValueError if the file has no codec of this size."""
+    sd = read_weights(path)
+    sd = sd["model"] if isinstance(sd.get("model"), dict) else load_pretrained(sd)  # CompressAI's old key names
+    compressai_names = {"g_a.": "SE.g_a.", "h_a.": "SE.h_a.", "h_s.": "hyperprior.HD.",
+                        "entropy_bottleneck.": "hyperprior.entropy_bottleneck.",
+                        "gaussian_conditional.": "hyperprior.gaussian_conditional."}
+    ours = {}
+    for k, v in sd.items():
+        if k.startswith(("SE.", "hyperprior.")):
+            ours[k] = v
+        prefix = next((p for p in compressai_names if k.startswith(p)), None)
+        if prefix:
+            ours[compressai_names[prefix] + k[len(prefix):]] = v
+    edge = [k for k in model.state_dict() if k.startswith(("SE.", "hyperprior."))]
+    missing = [k for k in edge if k not in ours]
+    if missing:
+        raise ValueError(f"{path} lacks {len(missing)} of the codec's {len(edge)} tensors, e.g. {missing[:2]}: "
+                         "not a train.py --decoder codec checkpoint or a CompressAI ScaleHyperprior state dict")
+    try:
+        model.load_state_dict({k: ours[k] for k in edge}, strict=False)
+    except RuntimeError as e:
+        raise ValueError(f"{path}: its codec has another size (--codec-N, --codec-M?): {first_mismatch(e)}") from None
 
 
 def save_checkpoint(obj, path):

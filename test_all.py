@@ -30,8 +30,8 @@ from evaluate import (benchmark_cloud, code_image, codec_rd, complexity, confusi
                       get_args_parser, image_codec_format, iou, rd_compare, rd_points, save_bitstreams)
 import evaluate as evaluate_module
 from evaluate import main as evaluate_main
-from model import (HD, SE, DistributedSegmenter, E, build_model, load_checkpoint, load_encoder_weights, masks,
-                   save_checkpoint)
+from model import (HD, SE, DistributedSegmenter, E, build_model, load_checkpoint, load_codec_weights,
+                   load_encoder_weights, masks, save_checkpoint)
 from reparam import reparameterize, speed_up
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -143,6 +143,9 @@ def test_complexity_ratios_coco():
     codec_decoder = c["codec_cloud_params"] - c["nocomp_params"] - count(E("resnet50"))  # h_s + g_s
     assert codec_decoder == pytest.approx(5.90e6, rel=0.01)
     assert c["codec_cloud_gmacs"] > c["nocomp_gmacs"] and c["codec_edge_gmacs"] > 0
+    # Fig. 1b's JSDE: Tables 2 and 4's parameter counts within 1 %
+    assert c["jsde_edge_params"] == pytest.approx(8.31e6, rel=0.01)
+    assert c["jsde_cloud_params"] == pytest.approx(43.23e6, rel=0.01) and c["jsde_cloud_gmacs"] > 0
 
 
 # -----------------------------------------------------------------------------
@@ -871,6 +874,109 @@ def test_finetune_on_decoded_images(ckpts, tmp_path):
     assert [(r["method"], r["system"], r["finetuned"]) for r in rows] == [("webp-ft", "webp", True)]
     proc = run_train("--decoder", "jd", "--image-codec", "webp", check=False)
     assert proc.returncode != 0 and "--decoder none" in proc.stdout
+
+
+# -----------------------------------------------------------------------------
+# the image-codec systems (Fig. 1a's learned codec, Fig. 1b's JSDE) and the attacker
+
+TINY_CODEC = ["--codec-N", "16", "--codec-M", "24"]
+
+
+def test_jsde_roundtrip_through_bitstreams(tmp_path):
+    """A tiny JSDE: y (M, H/16) and z (N, H/64) coded in the container; the cloud's y^ is the
+    rounded y and its masks, from the bytes alone and from files, equal the eval forward's."""
+    model = tiny_model("jsde", codec_N=16, codec_M=24).eval()
+    model.hyperprior.update()
+    x = torch.randn(2, 3, 70, 99)
+    with torch.no_grad():
+        out = model(x)
+    assert out["logits"].shape == (2, 5, 70, 99)
+    assert out["likelihoods"]["r"].shape == (2, 24, 5, 7) and out["likelihoods"]["h"].shape == (2, 16, 2, 2)
+    strings = model.compress(x)
+    y_hat, size = model.hyperprior.decompress(strings)
+    assert size == (70, 99) and torch.equal(y_hat, torch.round(model.edge(x)[0]))
+    assert torch.equal(masks(model.decompress(strings)), masks(out["logits"]))
+    for i, s in enumerate(strings):
+        (tmp_path / f"{i}.dssj").write_bytes(s)
+    from_files = [(tmp_path / f"{i}.dssj").read_bytes() for i in range(2)]
+    assert torch.equal(model.decompress(from_files), model.decompress(strings))
+    with pytest.raises(ValueError, match="another model"):
+        tiny_model("jd").eval().decompress(strings[:1])
+    from compressai.models import ScaleHyperprior  # a CompressAI codec's state dict starts a JSDE
+    codec = ScaleHyperprior(16, 24)
+    torch.save(codec.state_dict(), tmp_path / "codec.pth.tar")
+    load_codec_weights(model, str(tmp_path / "codec.pth.tar"))
+    assert torch.equal(model.SE.g_a[0].weight, codec.g_a[0].weight) and torch.equal(model.hyperprior.HD[0].weight,
+                                                                                    codec.h_s[0].weight)
+    with pytest.raises(ValueError, match="another size"):
+        load_codec_weights(tiny_model("jsde", codec_N=16, codec_M=32), str(tmp_path / "codec.pth.tar"))
+
+
+@pytest.mark.parametrize("dataset,cloud", [("coco", 43.23e6), ("cityscapes", 69.32e6)])
+def test_jsde_paper_parameter_counts(dataset, cloud):
+    """Tables 2 and 4's JSDE: edge (the codec's g_a, h_a, h_s, entropy models) 8.31 M, cloud
+    (entropy models, h_s, JSDE, D) 43.23 M COCO / 69.32 M Cityscapes, each within 1 %."""
+    model = build_model({**preset(dataset), "decoder": "jsde"})
+    assert count(model.SE, model.hyperprior) == pytest.approx(8.31e6, rel=0.01)
+    assert count(model.hyperprior, model.JSDE, model.D) == pytest.approx(cloud, rel=0.01)
+
+
+def test_codec_and_jsde_train(ckpts, tmp_path):
+    """train.py --decoder codec (255^2 MSE + bpp) ends with PSNR and real bpp; --decoder jsde
+    starts from that codec (given, or found in out/<dataset>_codec), else from random weights
+    with a line saying so; its edge then codes as the codec's did before fine-tuning."""
+    codec = tmp_path / "codec"
+    out = run_train(*QUICK, *TINY_CODEC, "--decoder", "codec", "--size", "64", "96", "--out-dir", str(codec)).stdout
+    assert re.search(r"final val \(4 images\): PSNR \d+\.\d+ dB, SSIM \S+, bpp \(real bytes\)", out)
+    model, ckpt = load_checkpoint(str(codec / "ckpt.pt"))
+    assert model.image_out and ckpt["args"]["alpha"] == 0.01  # the codec's own default
+    jsde = tmp_path / "jsde"
+    out = run_train(*QUICK, *TINY_CODEC, "--decoder", "jsde", "--size", "64", "96", "--max-iters", "0",
+                    "--codec-weights", str(codec / "ckpt.pt"), "--out-dir", str(jsde)).stdout
+    assert "the image codec (g_a, h_a, h_s, entropy models) from" in out and "bpp (real bytes)" in out
+    tuned, _ = load_checkpoint(str(jsde / "ckpt.pt"))
+    x = val_dataset(ckpt["args"], limit=1)[0][0][0][None]
+    assert tuned.compress(x) == model.compress(x)  # the same edge: the same bytes
+    out = run_train(*QUICK, *TINY_CODEC, "--decoder", "jsde", "--size", "64", "96", "--max-iters", "2",
+                    "--out-dir", str(tmp_path / "j2")).stdout
+    assert "the image codec starts from random weights" in out and "mIoU" in out
+    proc = run_train(*QUICK, "--decoder", "jsde", "--codec-weights", ckpts["none"], check=False)
+    assert proc.returncode != 0 and "--codec-weights:" in proc.stdout and "lacks" in proc.stdout
+
+
+def test_psnr_ssim_known_values():
+    """PSNR of a uniform error e is -20 log10(e); SSIM of an image with itself is 1, and of
+    two constant images a, b is (2ab + C1) / (a^2 + b^2 + C1) (no variance, no covariance)."""
+    x = torch.rand(2, 3, 32, 32)
+    assert evaluate_module.psnr(x + 0.1, x) == pytest.approx(torch.full((2,), 20.0), abs=1e-3)
+    assert evaluate_module.ssim(x, x) == pytest.approx(torch.ones(2), abs=1e-5)
+    a, b, C1 = 0.3, 0.6, 0.01**2
+    value = evaluate_module.ssim(*(torch.full((1, 3, 16, 16), v, dtype=torch.float64) for v in (a, b))).item()
+    assert value == pytest.approx((2 * a * b + C1) / (a * a + b * b + C1), abs=1e-9)
+    assert evaluate_module.ssim(x, torch.rand(2, 3, 32, 32)).max() < 0.2  # unrelated noise
+
+
+def test_inversion_attack(ckpts, tmp_path):
+    """The attacker: an image decoder trained for 2 iterations on the frozen edge of a JD
+    checkpoint (its bytes unchanged), then --privacy reports its PSNR and SSIM beside JPEG's
+    and draws the picture. It needs an edge: without --edge-from, one clear line."""
+    out = tmp_path / "attack"
+    proc = run_train("--decoder", "inversion", "--edge-from", ckpts["jd"], "--F", "64", "--K", "1",
+                     "--dilations", "1", "2", "3", "--max-iters", "2", "--eval-interval", "2", "--val-limit", "2",
+                     "--batch-size", "2", "--out-dir", str(out))
+    assert "frozen" in proc.stdout and re.search(r"final val \(2 images\): PSNR \d+\.\d+ dB", proc.stdout)
+    attack, ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    victim, _ = load_checkpoint(ckpts["jd"])
+    x = val_dataset(ckpt["args"], limit=1)[0][0][0][None]
+    assert attack.compress(x) == victim.compress(x) and attack.decompress(victim.compress(x)).shape == x.shape
+    proc = run_script("evaluate.py", "--privacy", str(out / "ckpt.pt"), "--limit", "2", "--image-codecs", "jpeg",
+                      "--codec-qualities", "10", "--csv", str(tmp_path / "p.csv"), "--plot", str(tmp_path / "p.png"))
+    assert "attack on jd" in proc.stdout and "jpeg" in proc.stdout
+    rows = (tmp_path / "p.csv").read_text().splitlines()
+    assert rows[0] == "checkpoint,system,alpha,quality,bpp_real,psnr,ssim" and len(rows) == 4
+    assert Image.open(tmp_path / "p.png").size[0] == 4 * 256  # original, attack, mask only, JPEG
+    proc = run_train("--decoder", "inversion", check=False)
+    assert proc.returncode != 0 and "--edge-from" in proc.stdout
 
 
 def test_rd_compare():

@@ -11,6 +11,9 @@ then evaluate it on the val set through real bitstreams.
     python train.py --decoder ahuja --edge-from out/synthetic/ckpt.pt --out-dir runs/sd_on_jd
     python train.py --decoder none --image-codec webp --encoder-weights runs/none/ckpt.pt --out-dir runs/webp
                                                       # Fig. 1a: No Compression fine-tuned on WebP images
+    python train.py --decoder codec --alpha 0.01      # Fig. 1a's learned image codec (MSE) -> out/synthetic_codec/
+    python train.py --decoder jsde                    # Fig. 1b: Torfason et al.'s JSDE on that codec
+    python train.py --decoder inversion --edge-from runs/jd_a0.6/ckpt.pt   # an attacker rebuilds images
     torchrun --standalone --nproc_per_node 2 train.py --max-iters 20   # DDP (gloo on CPU, nccl on GPUs)
     python train.py --dataset cityscapes --K 3 --print-config          # Suppl. Table 3, resolved
 
@@ -31,9 +34,9 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from data import DATASETS, PRESETS, get_dataset, preset
 from entropy import bits_per_pixel, split_parameters
-from evaluate import IMAGE_CODECS, code_images, evaluate, image_codec_format
-from model import (MODEL_KEYS, PRETRAINED, build_model, load_deeplab_head, load_encoder_weights, pretrained_file,
-                   read_checkpoint, save_checkpoint)
+from evaluate import IMAGE_CODECS, code_images, evaluate, image_codec_format, image_mse, quality, use_learned_codecs
+from model import (DECODERS, MODEL_KEYS, PRETRAINED, build_model, load_codec_weights, load_deeplab_head,
+                   load_encoder_weights, pretrained_file, read_checkpoint, save_checkpoint)
 
 if hasattr(sys.stdout, "reconfigure"):
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also through a pipe
@@ -44,7 +47,8 @@ if hasattr(sys.stdout, "reconfigure"):
 # override them; --help shows both.
 
 DEFAULTS = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", edge_from=None,
-                image_codec=None, clip=1.0, resume=None, seed=0, device=None, amp=False, compile=False)
+                image_codec=None, learned_codec=None, codec_weights=None, clip=1.0, resume=None, seed=0,
+                device=None, amp=False, compile=False)
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             argument_default=argparse.SUPPRESS)  # parsed = only the flags given
@@ -69,13 +73,19 @@ flag("--crop", "random square training crop of the real datasets, 0 = whole imag
 flag("--size", "synthetic scene size; the real datasets use --crop", type=int, nargs=2, metavar=("H", "W"))
 flag("--val-limit", "validate on the first N val images only (quick checks)", type=int)
 # model
-flag("--decoder", "cloud: ours, Ahuja et al., no compression", choices=["jd", "ahuja", "none"])
+flag("--decoder", "the system: jd (ours, Fig. 1d), ahuja (Fig. 1c), none (No Compression), jsde (Torfason et "
+     "al., Fig. 1b), codec (the learned image codec of Fig. 1a, on J = alpha*255^2*MSE + (1-alpha)*bpp), "
+     "inversion (an attacker's image decoder on a frozen jd/ahuja edge, MSE)", choices=DECODERS)
 flag("--encoder", "image encoder E", choices=["resnet50", "resnet101", "resnet18-l2"])
 flag("--K", "JD's over-parameterization repetitions, 0 = plain ASPP (Fig. 4)", type=int)
 flag("--F", "ASPP width (JD and D)", type=int)
 flag("--dilations", "JD's ASPP dilations", type=int, nargs=3)
 flag("--head", "DeepLabv3 head D of the baselines", choices=["torchvision", "mmseg"])
-flag("--encoder-weights", "E's start: imagenet or deeplabv3-coco (torchvision's weights, downloaded once into "
+flag("--codec-N", "the image codec's (codec, jsde) hyper-latent channels N", type=int)
+flag("--codec-M", "the image codec's (codec, jsde) latent channels M", type=int)
+flag("--codec-weights", "jsde: the image codec's start, a train.py --decoder codec checkpoint or a CompressAI "
+     "ScaleHyperprior state dict (default: out/<dataset>_codec/ckpt.pt if it exists, else random weights)")
+flag("--encoder-weights", "E's start (jsde: its ResNet stages'): imagenet or deeplabv3-coco (torchvision's weights, downloaded once into "
      "$TORCH_HOME/hub/checkpoints), none (random), or a local ResNet / DeepLabv3 state dict or train.py checkpoint "
      "(with --decoder none, a file's DeepLabv3 head is loaded into D too)")
 flag("--edge-from", "train only the cloud decoder, on the frozen edge (E, SE, entropy models, HD) of this "
@@ -83,6 +93,8 @@ flag("--edge-from", "train only the cloud decoder, on the frozen edge (E, SE, en
 flag("--image-codec", "No Compression only: train on images coded and decoded by this codec, each at a "
      "random quality of its sweep (Fig. 1a's fine-tuning; start from a trained model: --encoder-weights CKPT)",
      choices=list(IMAGE_CODECS))
+flag("--learned-codec", "with --image-codec learned: the project's codecs (train.py --decoder codec checkpoints, "
+     "one per rate) instead of CompressAI's pretrained ones", nargs="+")
 # rate
 flag("--alpha", "RD trade-off of Eq. (3), in (0, 1]; higher = more bits", type=float)
 # optim
@@ -122,10 +134,17 @@ if "resume" in cli:  # settings come from the checkpoint; the model's may not ch
 else:
     config = {**DEFAULTS, **preset(cli.get("dataset", DEFAULTS["dataset"])), **cli}
 args = argparse.Namespace(**config)
+if "out_dir" not in cli and "resume" not in cli and args.decoder in ("jsde", "codec", "inversion"):
+    args.out_dir = f"{preset(args.dataset)['out_dir']}_{args.decoder}"  # out/synthetic_codec, where jsde looks
+FEATURES, IMAGE_CODEC = ("jd", "ahuja", "inversion"), ("jsde", "codec")  # the two kinds of edge
+if args.decoder == "codec" and "alpha" not in cli and "resume" not in cli:
+    args.alpha = 0.01  # the presets' alpha weighs a CE; for 255^2 * MSE, CompressAI's lambda ~ 0.0067-0.013
 if "resume" in cli and "edge_from" in cli:
     sys.exit("--edge-from starts a run; --resume continues one with the edge setting it was started with")
 if args.edge_from and args.decoder == "none":
-    sys.exit("--edge-from trains a decoder of bitstreams: use it with --decoder jd or ahuja")
+    sys.exit("--edge-from trains a decoder of bitstreams: use it with --decoder jd, ahuja or inversion")
+if args.decoder == "inversion" and not args.edge_from and "resume" not in cli:
+    sys.exit("--decoder inversion attacks a trained edge: give its checkpoint with --edge-from")
 if args.edge_from and ("encoder_weights" in cli or "alpha" in cli):
     sys.exit("--edge-from brings the whole edge and its rate point: drop --encoder-weights and --alpha")
 if args.dataset != "synthetic" and "size" in cli:
@@ -135,6 +154,7 @@ for bad, message in [  # user errors: one line each, before anything is built
         (args.K < 0, f"--K {args.K}: the branches per sub-block must be 0 (plain ASPP) or more"),
         (args.image_codec and args.decoder != "none", "--image-codec fine-tunes the No Compression model of "
                                                       "a conventional pipeline: use it with --decoder none"),
+        (args.learned_codec and args.image_codec != "learned", "--learned-codec goes with --image-codec learned"),
         (args.decoder == "jd" and args.F % 64, f"--F {args.F}: JD's DWUpConv has 64 groups, so F must be a "
                                                "multiple of 64"),
         (args.max_iters is not None and args.max_iters < 0, f"--max-iters {args.max_iters}: must be 0 or more"),
@@ -146,6 +166,8 @@ for bad, message in [  # user errors: one line each, before anything is built
         sys.exit(message)
 if args.image_codec:
     try:
+        if args.learned_codec:
+            use_learned_codecs(args.learned_codec)
         image_codec_format(args.image_codec)  # HEVC's optional package: one line if it is missing
     except ValueError as e:
         sys.exit(f"--image-codec: {e}")
@@ -214,11 +236,24 @@ def train_batches(start_iter):
 
 torch.manual_seed(args.seed)
 model = build_model(vars(args))
-if not args.resume and not args.edge_from and args.encoder_weights != "none":
+if args.decoder == "jsde" and not args.resume and not args.edge_from:  # Sec. 4.2: JSDE starts from a trained codec
+    found = os.path.join(f"{preset(args.dataset)['out_dir']}_codec", "ckpt.pt")
+    path = args.codec_weights or (found if os.path.isfile(found) else None)
+    if path:
+        try:
+            load_codec_weights(model, path)
+        except (ValueError, FileNotFoundError) as e:
+            sys.exit(f"--codec-weights: {e}")
+    if master:
+        print(f"the image codec (g_a, h_a, h_s, entropy models) from {path}" if path else
+              f"the image codec starts from random weights: no --codec-weights, no {found} "
+              "(train one: python train.py --decoder codec)")
+if not args.resume and not args.edge_from and args.encoder_weights != "none" and args.decoder != "codec":
     try:
         named = (args.encoder_weights, args.encoder) in PRETRAINED  # torchvision's, or a file
         path = pretrained_file(args.encoder_weights, args.encoder) if named else args.encoder_weights
-        ignored = load_encoder_weights(model.E, path)
+        # E, or for JSDE the ResNet stages that take y^ in place of conv1 (a state dict's layer1-4)
+        ignored = load_encoder_weights(model.JSDE.layers if args.decoder == "jsde" else model.E, path)
         # No Compression takes the file's head too: torchvision's DeepLabv3 as it is (the paper's
         # COCO No Compression model), or a trained one to fine-tune on decoded images
         whole = args.decoder == "none" and load_deeplab_head(model.D, path)
@@ -227,12 +262,12 @@ if not args.resume and not args.edge_from and args.encoder_weights != "none":
     except (ValueError, FileNotFoundError) as e:
         sys.exit(f"--encoder-weights: {e}")
     if master:
-        print(f"{'E and D' if whole else 'E'} initialized from {path}; keys not used: "
+        print(f"{'E and D' if whole else 'JSDE stages' if args.decoder == 'jsde' else 'E'} initialized from {path}; keys not used: "
               f"{', '.join(ignored[:4]) or 'none'}" + (f" and {len(ignored) - 4} more" if len(ignored) > 4 else ""))
-elif not args.resume and not args.edge_from and master and args.dataset != "synthetic":
+elif not args.resume and not args.edge_from and master and args.dataset != "synthetic" and args.decoder != "codec":
     print("E starts from random weights (--encoder-weights none): far from the paper's pretrained E")
 EDGE = ("E", "SE", "hyperprior")  # what makes the bitstreams (HD too: both ends need it)
-edge = [getattr(model, name) for name in EDGE] if args.edge_from else []
+edge = [getattr(model, name) for name in EDGE if hasattr(model, name)] if args.edge_from else []
 if args.edge_from and not args.resume:
     try:
         src = read_checkpoint(args.edge_from)
@@ -240,11 +275,15 @@ if args.edge_from and not args.resume:
         sys.exit(f"--edge-from: {e}")
     if src["args"]["decoder"] == "none":
         sys.exit(f"--edge-from {args.edge_from}: a No Compression checkpoint has no edge codec")
+    if (src["args"]["decoder"] in FEATURES) != (args.decoder in FEATURES):
+        sys.exit(f"--edge-from {args.edge_from}: a {src['args']['decoder']} edge does not make the bitstreams "
+                 f"a {args.decoder} decoder reads ({', '.join(FEATURES)}: features; {', '.join(IMAGE_CODEC)}: images)")
     differ = [f"{k} {src['args'].get(k)} (this run: {getattr(args, k)})"
-              for k in ("dataset", "encoder") if src["args"].get(k) != getattr(args, k)]
+              for k in ("dataset", "encoder") + (("codec_N", "codec_M") if args.decoder in IMAGE_CODEC else ())
+              if src["args"].get(k) != getattr(args, k)]
     if differ:
         sys.exit(f"--edge-from {args.edge_from} was trained with other settings: {'; '.join(differ)}")
-    # strict=False: the cloud decoder's tensors stay as initialized (JD or SD + D, Kaiming)
+    # strict=False: the cloud decoder's tensors stay as initialized (JD, SD + D, ..., Kaiming)
     model.load_state_dict({k: v for k, v in src["model"].items() if k.split(".")[0] in EDGE}, strict=False)
     args.alpha = src["args"]["alpha"]  # the rate point is the source's; RD tables list its alpha
     del src
@@ -329,20 +368,25 @@ while iter_num < args.max_iters:
 
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp):
         out = model(x)
-    ce = cross_entropy(out["logits"].float(), y, ignore_index=255)  # J_dist, Eq. (2)
+    if raw_model.image_out:  # codec, inversion: the image's 255^2 * MSE (CompressAI's recipe) for the CE
+        mse = image_mse(out["x_hat"].float(), x).mean()
+        distortion, shown = 255**2 * mse, f"PSNR {-10 * torch.log10(mse).item():.2f} dB"
+    else:
+        distortion = cross_entropy(out["logits"].float(), y, ignore_index=255)  # J_dist, Eq. (2)
+        shown = f"CE {distortion.item():.4f}"
     if compress:
         bpp = bits_per_pixel(out["likelihoods"], x.shape[0] * x.shape[2] * x.shape[3])  # J_rate, Eq. (1)
-        loss = args.alpha * ce + (1 - args.alpha) * bpp  # J, Eq. (3)
-        if args.edge_from:  # a frozen edge: the rate cannot change, J reduces to the cross-entropy
-            loss = ce
+        loss = args.alpha * distortion + (1 - args.alpha) * bpp  # J, Eq. (3)
+        if args.edge_from:  # a frozen edge: the rate cannot change, J reduces to the distortion
+            loss = distortion
     else:  # No Compression: the cross-entropy alone
-        bpp, loss = torch.zeros(()), ce
+        bpp, loss = torch.zeros(()), distortion
     finite = torch.isfinite(loss.detach()).float()
     if ddp:
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)  # every rank stops together
     if finite.item() < 1:
         if master:
-            print(f"non-finite loss at iteration {iter_num} (CE {ce.item()}, bpp {bpp.item()}): stopping. "
+            print(f"non-finite loss at iteration {iter_num} ({shown}, bpp {bpp.item()}): stopping. "
                   f"The last good checkpoint in {args.out_dir} is untouched; resume from it with a lower "
                   f"--lr, or without --amp.", file=sys.stderr)
         sys.exit(1)
@@ -360,7 +404,7 @@ while iter_num < args.max_iters:
 
     if master and (iter_num % args.log_interval == 0 or iter_num == 1):
         dt = (time.time() - t0) / (args.log_interval if iter_num > 1 else 1)
-        print(f"iter {iter_num}: loss {loss.item():.4f}, CE {ce.item():.4f}, bpp {bpp.item():.4f}, "
+        print(f"iter {iter_num}: loss {loss.item():.4f}, {shown}, bpp {bpp.item():.4f}, "
               f"lr {get_lr(args.lr, iter_num - 1):.2e}, {1000 * dt:.0f} ms/iter")
         t0 = time.time()
     if iter_num % args.eval_interval == 0 or iter_num == args.max_iters:
@@ -368,7 +412,7 @@ while iter_num < args.max_iters:
         if master:
             bpp_est = f", bpp (likelihoods) {m['bpp_est']:.4f}" if compress else ""
             checkpoint()
-            print(f"val at iter {iter_num}: mIoU {m['miou']:.4f}{bpp_est} (checkpoint saved)")
+            print(f"val at iter {iter_num}: {quality(m)}{bpp_est} (checkpoint saved)")
         t0 = time.time()
 
 # -----------------------------------------------------------------------------
@@ -379,7 +423,7 @@ if compress:
 m = evaluate(raw_model, val_ds, device, real_bits=True, rank=rank, world_size=world_size)
 if master:
     checkpoint()
-    line = f"final val ({m['n_images']} images): mIoU {m['miou']:.4f}"
+    line = f"final val ({m['n_images']} images): {quality(m)}"
     if compress and "refused" in m:
         line += f" (eval forward), bpp (likelihoods) {m['bpp_est']:.4f}; no bitstream: {m['refused']}"
     elif compress:
