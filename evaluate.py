@@ -557,7 +557,7 @@ def mask_painting(dataset):
     the set; ignored pixels with the mean of all), from the ground-truth masks. Returns the
     row of its PSNR and SSIM and the painting of image 0. An attack that does no better than
     this recovers nothing beyond the mask, which the cloud is meant to have."""
-    images = [(to_unit(x[None])[0], y) for x, y in dataset]
+    images = [(to_unit(x[None])[0], y) for x, y in (dataset[i] for i in range(len(dataset)))]
     S = 256
     sums, counts = torch.zeros(S, 3, dtype=torch.float64), torch.zeros(S, dtype=torch.float64)
     for x, y in images:
