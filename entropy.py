@@ -184,7 +184,7 @@ class HyperpriorCoder(nn.Module):
         medians = eb._get_medians().detach().reshape(1, -1, 1, 1).cpu()
         indexes = self._channel_indexes(torch.empty(len(fields), self.N, *hyper_size(image_size)))
         symbols_h = rans_decode(eb, [f["b_h"] for f in fields], indexes, "b_h")
-        h_hat = symbols_h + medians
+        h_hat = (symbols_h + medians).to(device)  # on the model's device, as in compress
         indexes = self.scale_indexes(self._sigma_for_coding(h_hat, latent_size(image_size))).cpu()
         r_hat = rans_decode(gc, [f["b_r"] for f in fields], indexes, "b_r")
         return r_hat.to(device), image_size
@@ -262,18 +262,16 @@ def rans_decode(entropy_model, strings, indexes, name):
     exactly the payload: truncated, shifted, extended or forged streams decode to something,
     but never to symbols that re-encode to the same bytes."""
     tables = [coder_tables(entropy_model, i) for i in indexes]
-    symbols = []
-    for s, i, t in zip(strings, indexes, tables):
-        padded = s + bytes(4 * (8 + 24 * i.numel() + 20 * (len(s) // 4)))
-        decoded = entropy_model.entropy_coder.decode_with_indexes(padded, *t)  # a list of ints
-        symbols.append(torch.from_numpy(np.array(decoded, dtype=np.int32)).reshape(i.shape))
-    symbols = torch.stack(symbols).float()
+    coder = entropy_model.entropy_coder
+    decoded = [coder.decode_with_indexes(s + bytes(4 * (8 + 24 * i.numel() + 20 * (len(s) // 4))), *t)
+               for s, i, t in zip(strings, indexes, tables)]  # B lists of ints
+    symbols = torch.from_numpy(np.array(decoded, dtype=np.int32)).reshape(indexes.shape).float()
     try:  # first the range, so that re-encoding a hostile stream's symbols cannot hang or overrun
         check_codable(symbols, name)
     except ValueError:
         raise ValueError(f"payload {name} decodes to values no encoder of this model writes: "
                          "a forged or damaged bitstream") from None
-    if rans_encode(entropy_model, symbols, indexes, tables) != list(strings):
+    if [coder.encode_with_indexes(d, *t) for d, t in zip(decoded, tables)] != list(strings):
         raise ValueError(f"payload {name} is not a whole rANS stream of this model (its symbols re-encode "
                          "to other bytes): truncated, shifted or forged")
     return symbols

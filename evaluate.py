@@ -27,7 +27,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from PIL import Image, ImageDraw, ImageFont
-from torch.nn.functional import interpolate
 from torch.utils.flop_counter import FlopCounterMode
 
 import entropy  # first: it silences compressai's import-time warning
@@ -36,7 +35,7 @@ from compressai.zoo.image import model_urls  # noqa: E402
 from compressai.zoo.pretrained import load_pretrained  # noqa: E402
 from data import DATASETS, MEAN, STD, colorize, denormalize, normalize, preset, val_dataset
 from entropy import bits_per_pixel
-from model import build_model, hub_file, load_checkpoint, masks, read_checkpoint, read_weights
+from model import build_model, hub_file, load_checkpoint, masks, read_checkpoint, read_weights, upsampled_masks
 from reparam import reparameterize, speed_up
 
 # -----------------------------------------------------------------------------
@@ -205,16 +204,14 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
                 raise ValueError(f"{os.path.getsize(path)} bytes: larger than any bitstream of this model")
             with open(path, "rb") as f:
                 data = f.read()
-            logits = model.decompress([data])
+            pred = model.segment([data])[0]
             _, y = dataset[int(match[1])]
-            if logits.shape[-2:] != y.shape:
-                raise ValueError(f"decodes to {tuple(logits.shape[-2:])}, but image {int(match[1])} "
-                                 f"is {tuple(y.shape)}")
+            if pred.shape != y.shape:
+                raise ValueError(f"decodes to {tuple(pred.shape)}, but image {int(match[1])} is {tuple(y.shape)}")
         except (ValueError, OSError) as e:
             print(f"refused {name}: {e}")
             refused.append((name, str(e)))
             continue
-        pred = masks(logits)[0]
         cm += confusion_matrix(pred, y.to(device), S)
         bits, pixels, decoded = bits + 8 * len(data), pixels + y.numel(), decoded + 1
         if return_masks:
@@ -694,14 +691,16 @@ def benchmark_cloud(dataset="cityscapes", size=None, batch=4, repeat=3, device="
     torch.manual_seed(seed)
     models = {"jd": speed_up(reparameterize(build_model({**cfg, "decoder": "jd"}).eval())),
               "ahuja": build_model({**cfg, "decoder": "ahuja"}).eval()}
-    models["ahuja"].hyperprior.load_state_dict(models["jd"].hyperprior.state_dict())
-    models["jd"].hyperprior.update()
+    models["jd"].hyperprior.update()  # the CDF tables, built once on the CPU and shared (tables built
+    models["ahuja"].hyperprior.load_state_dict(models["jd"].hyperprior.state_dict())  # on a GPU can differ,
+    #                                                   and then the model ids that the container checks)
     strings, bpp_real = latent_at_rate(models["jd"].hyperprior, models["jd"].SE.h_a, batch, (H, W), bpp, seed)
     out = {"dataset": dataset, "size": [H, W], "bpp": bpp_real, "bytes_per_image": sum(map(len, strings)) / batch,
-           "batch": batch, "repeat": repeat, "device": device, "threads": torch.get_num_threads()}
+           "batch": batch, "repeat": repeat, "device": device, "threads": torch.get_num_threads(),
+           "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
     # the mask tail alone, on logits of the networks' output shape: the same work for both
     logits = torch.randn(1, cfg["num_classes"], -(-H // 8), -(-W // 8), device=device)
-    tail = [lambda: masks(interpolate(logits, (H, W), mode="bilinear", align_corners=False))]
+    tail = [lambda: upsampled_masks(logits, (H, W))]
     median_seconds(tail, device, 1)  # warm-up
     out["tail_ms"] = 1e3 * median_seconds(tail, device, repeat)[0]
     for name, model in models.items():
@@ -713,7 +712,7 @@ def benchmark_cloud(dataset="cityscapes", size=None, batch=4, repeat=3, device="
         def steps(n):  # entropy decoding, then the network and the mask tail
             decoded = {}
             return [lambda: decoded.update(r_hat=model.hyperprior.decompress(strings[:n])[0]),
-                    lambda: masks(model.cloud_head(decoded["r_hat"], (H, W)))]
+                    lambda: upsampled_masks(model.cloud_head(decoded["r_hat"], (H, W), upsample=False), (H, W))]
 
         median_seconds(steps(1), device, 1)  # warm-up
         entropy_s, cloud_s = median_seconds(steps(1), device, repeat)
@@ -728,8 +727,9 @@ def benchmark_cloud(dataset="cityscapes", size=None, batch=4, repeat=3, device="
 
 
 def print_benchmark(b):
-    print(f"cloud, {b['dataset']} networks at {b['size'][0]}x{b['size'][1]} on {b['device']} ({b['threads']} "
-          f"threads), random weights; latents at {b['bpp']:.3f} bpp ({b['bytes_per_image']:.0f} bytes per image)")
+    where = f"{b['device']} ({b['gpu']}; entropy decoding on the CPU, " if b.get("gpu") else f"{b['device']} ("
+    print(f"cloud, {b['dataset']} networks at {b['size'][0]}x{b['size'][1]} on {where}{b['threads']} threads), random "
+          f"weights; latents at {b['bpp']:.3f} bpp ({b['bytes_per_image']:.0f} bytes per image)")
     print(f"latency per image at batch 1 (ms, median of {b['repeat']} runs after a warm-up); throughput at "
           f"batch {b['batch']}")
     print(f"{'cloud':22s} {'entropy dec.':>12s} {'network':>9s} {'mask tail':>10s} {'total':>9s} {'images/s':>9s} "

@@ -19,6 +19,7 @@ import types
 import numpy as np
 import pytest
 import torch
+from torch.nn.functional import interpolate
 
 import entropy
 import PIL.features
@@ -31,7 +32,7 @@ from evaluate import (benchmark_cloud, code_image, codec_rd, complexity, confusi
 import evaluate as evaluate_module
 from evaluate import main as evaluate_main
 from model import (HD, SE, DistributedSegmenter, E, build_model, load_checkpoint, load_codec_weights,
-                   load_encoder_weights, masks, save_checkpoint)
+                   load_encoder_weights, masks, save_checkpoint, upsampled_masks)
 from reparam import reparameterize, speed_up
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -659,12 +660,13 @@ def test_deployed_checkpoint_decodes_same_bitstreams(tmp_path):
     assert torch.equal(speed_up(loaded).decompress(strings).argmax(1), model.decompress(strings).argmax(1))
 
 
-@pytest.mark.parametrize("size", [(64, 96), (70, 99)])
+@pytest.mark.parametrize("size", [(64, 96), (72, 104), (70, 99)])
 def test_fast_cloud_equals_eval_forward(size):
     """The deployed cloud's faster forwards (reparam.speed_up: pooled branch as a bias,
-    DWUpConv and classifier as one sub-pixel conv; masks via max) give the masks of the plain
-    eval forward of the K-branch model, from its forward and from the bytes, with logits
-    within 1e-4 (1e-10 in float64: the same function)."""
+    DWUpConv and classifier as one sub-pixel conv; masks via max, upsampled in strips) give
+    the masks of the plain eval forward of the K-branch model, from its forward and from the
+    bytes (segment), with logits within 1e-4 (1e-10 in float64: the same function). Strips
+    run where H = 8h (64, 72: h = 8, 9), one interpolation elsewhere (70)."""
     model = tiny_model("jd", K=3)
     randomize_bn(model)
     model.eval()
@@ -678,6 +680,10 @@ def test_fast_cloud_equals_eval_forward(size):
         assert (plain - fast).abs().max() <= 1e-4
         assert torch.equal(masks(fast), plain.argmax(1))
         assert torch.equal(masks(deployed.decompress(model.compress(x))), plain.argmax(1))
+        assert torch.equal(deployed.segment(model.compress(x)), plain.argmax(1))
+        low = deployed.cloud_head(deployed.hyperprior(*deployed.edge(x))[0], size, upsample=False)
+        for rows in (1, 2, 3):
+            assert torch.equal(upsampled_masks(low, size, rows), plain.argmax(1))
         r_hat = torch.round(3 * torch.randn(2, 64, -(-size[0] // 16), -(-size[1] // 16), dtype=torch.float64))
         model64 = copy.deepcopy(model)
         model64.JD.double()
@@ -685,6 +691,8 @@ def test_fast_cloud_equals_eval_forward(size):
         assert (model64.JD(r_hat, size) - fast64(r_hat, size)).abs().max() <= 1e-10
     ties = torch.randint(0, 3, (2, 5, 30, 40)).float()  # many exact ties: the first maximum wins in both
     assert torch.equal(masks(ties), ties.argmax(1))
+    up = interpolate(ties, (240, 320), mode="bilinear", align_corners=False)  # ties after upsampling too
+    assert all(torch.equal(upsampled_masks(ties, (240, 320), rows), up.argmax(1)) for rows in (1, 4, 7, 30))
 
 
 # -----------------------------------------------------------------------------
