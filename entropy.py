@@ -263,8 +263,10 @@ def rans_decode(entropy_model, strings, indexes, name):
     but never to symbols that re-encode to the same bytes."""
     tables = [coder_tables(entropy_model, i) for i in indexes]
     coder = entropy_model.entropy_coder
-    decoded = [coder.decode_with_indexes(s + bytes(4 * (8 + 24 * i.numel() + 20 * (len(s) // 4))), *t)
-               for s, i, t in zip(strings, indexes, tables)]  # B lists of ints
+    decoded = []  # B lists of ints
+    for s, i, t in zip(strings, indexes, tables):
+        zero_words = 8 + 24 * i.numel() + 20 * (len(s) // 4)
+        decoded.append(coder.decode_with_indexes(s.ljust(len(s) + 4 * zero_words, b"\0"), *t))
     symbols = torch.from_numpy(np.array(decoded, dtype=np.int32)).reshape(indexes.shape).float()
     try:  # first the range, so that re-encoding a hostile stream's symbols cannot hang or overrun
         check_codable(symbols, name)
