@@ -680,12 +680,15 @@ def median_seconds(fns, device, runs):
 
 
 @torch.inference_mode()
-def benchmark_cloud(dataset="cityscapes", size=None, batch=4, repeat=3, device="cpu", bpp=0.2, seed=0):
+def benchmark_cloud(dataset="cityscapes", size=None, batch=4, repeat=3, device="cpu", bpp=0.2, seed=0,
+                    min_seconds=10):
     """The cloud of JD (deployed: fused, with reparam.speed_up's forwards) and of Ahuja et al.'s
     SD + D at a preset's networks and resolution, random weights: latency per image at batch 1
-    (median of `repeat` runs after a warm-up) and throughput at `batch`, entropy decoding,
-    network and mask tail apart. Both decode the same bytes (JD's entropy models are copied
-    into the Ahuja model), so the networks make the difference."""
+    and throughput at `batch`, entropy decoding, network and mask tail apart. A latency is the
+    median of at least `repeat` runs and of at least `min_seconds` of runs, after a warm-up:
+    JD's runs are short, and a median of three moved by 10 % between runs of this command on
+    the 2-core machine. Both decode the same bytes (JD's entropy models are copied into the
+    Ahuja model), so the networks make the difference."""
     cfg = preset(dataset)
     H, W = size or RESOLUTIONS[dataset][1]
     torch.manual_seed(seed)
@@ -698,11 +701,15 @@ def benchmark_cloud(dataset="cityscapes", size=None, batch=4, repeat=3, device="
     out = {"dataset": dataset, "size": [H, W], "bpp": bpp_real, "bytes_per_image": sum(map(len, strings)) / batch,
            "batch": batch, "repeat": repeat, "device": device, "threads": torch.get_num_threads(),
            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
+
+    def timed(fns):  # medians after a warm-up, and the number of runs
+        runs = max(repeat, math.ceil(min_seconds / sum(median_seconds(fns, device, 1))))
+        return median_seconds(fns, device, runs), runs
+
     # the mask tail alone, on logits of the networks' output shape: the same work for both
     logits = torch.randn(1, cfg["num_classes"], -(-H // 8), -(-W // 8), device=device)
-    tail = [lambda: upsampled_masks(logits, (H, W))]
-    median_seconds(tail, device, 1)  # warm-up
-    out["tail_ms"] = 1e3 * median_seconds(tail, device, repeat)[0]
+    (tail_s,), out["tail_runs"] = timed([lambda: upsampled_masks(logits, (H, W))])
+    out["tail_ms"] = 1e3 * tail_s
     for name, model in models.items():
         model.to(device)
         model.hyperprior.update()
@@ -714,8 +721,7 @@ def benchmark_cloud(dataset="cityscapes", size=None, batch=4, repeat=3, device="
             return [lambda: decoded.update(r_hat=model.hyperprior.decompress(strings[:n])[0]),
                     lambda: upsampled_masks(model.cloud_head(decoded["r_hat"], (H, W), upsample=False), (H, W))]
 
-        median_seconds(steps(1), device, 1)  # warm-up
-        entropy_s, cloud_s = median_seconds(steps(1), device, repeat)
+        (entropy_s, cloud_s), out[f"{name}_runs"] = timed(steps(1))
         out.update({f"{name}_entropy_ms": 1e3 * entropy_s, f"{name}_network_ms": 1e3 * cloud_s - out["tail_ms"],
                     f"{name}_total_ms": 1e3 * (entropy_s + cloud_s),
                     f"{name}_images_per_s": batch / sum(median_seconds(steps(batch), device, 1)),
@@ -730,8 +736,8 @@ def print_benchmark(b):
     where = f"{b['device']} ({b['gpu']}; entropy decoding on the CPU, " if b.get("gpu") else f"{b['device']} ("
     print(f"cloud, {b['dataset']} networks at {b['size'][0]}x{b['size'][1]} on {where}{b['threads']} threads), random "
           f"weights; latents at {b['bpp']:.3f} bpp ({b['bytes_per_image']:.0f} bytes per image)")
-    print(f"latency per image at batch 1 (ms, median of {b['repeat']} runs after a warm-up); throughput at "
-          f"batch {b['batch']}")
+    print(f"latency per image at batch 1 (ms, medians after a warm-up: JD {b['jd_runs']} runs, Ahuja et al. "
+          f"{b['ahuja_runs']}, mask tail {b['tail_runs']}); throughput at batch {b['batch']}")
     print(f"{'cloud':22s} {'entropy dec.':>12s} {'network':>9s} {'mask tail':>10s} {'total':>9s} {'images/s':>9s} "
           f"{'peak MB':>8s}")
     for name, label in (("jd", "JD (deployed)"), ("ahuja", "Ahuja et al. SD + D")):
@@ -900,7 +906,7 @@ def get_args_parser():
     p.add_argument("--dataset", default="cityscapes", choices=DATASETS, help="preset networks (data.PRESETS)")
     p.add_argument("--K", type=int, default=None, help="over-parameterization repetitions (default: preset's)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="benchmark input size")
-    p.add_argument("--repeat", type=int, default=3, help="benchmark runs after one warm-up")
+    p.add_argument("--repeat", type=int, default=3, help="the least number of benchmark runs after one warm-up (and at least 10 s of them)")
     p.add_argument("--bpp", type=float, default=0.2, help="the benchmark's latent rate (default %(default)s: "
                    "inside Fig. 5's 0.02-0.3 bpp)")
     # system

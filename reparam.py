@@ -22,7 +22,7 @@ import sys
 
 import torch
 import torch.nn as nn
-from torch.nn.functional import adaptive_avg_pool2d, conv2d, interpolate, pad, pixel_shuffle, relu
+from torch.nn.functional import adaptive_avg_pool2d, conv2d, interpolate, pad, pixel_shuffle, relu_
 
 from data import val_dataset
 from model import ASPP, JD, SubBlock, crop_to_z, load_checkpoint, save_checkpoint
@@ -65,7 +65,7 @@ class PooledBiasASPP(ASPP):
     projection of the concatenation [b_0, ..., b_3] is sum_k W_k b_k: each branch's product
     accumulates into y, so the (B, 4F, h, w) concatenation is never built. The branches run
     channels-last (memory (B, h, w, C)), where oneDNN's convs are faster and each b_k is a
-    (h*w, F) matrix as it stands (1024x2048: this ASPP 280 ms, the concatenating one 376).
+    (h*w, F) matrix as it stands (1024x2048: this ASPP 256-285 ms, the concatenating one 361-381).
     The projection's BN is folded in too (eval mode: an affine map per channel)."""
 
     def forward(self, x):
@@ -77,9 +77,9 @@ class PooledBiasASPP(ASPP):
         x = x.contiguous(memory_format=torch.channels_last)
         y = bias[:, None, :].expand(B, h * w, F).contiguous()  # (B, h*w, F)
         for k, branch in enumerate([self.b0, *self.dilated]):  # y += b_k(x) W_k^T, k = 0..3
-            b_k = branch(x).permute(0, 2, 3, 1).reshape(B, h * w, F)  # a view: b_k is channels-last
-            y.baddbmm_(b_k, kernel[:, k * F:(k + 1) * F, 0, 0].T.expand(B, F, F))
-        return relu(y).reshape(B, h, w, F).permute(0, 3, 1, 2)  # (B, F, h, w), channels-last; no Dropout in eval
+            b_k = relu_(branch.branches[0](x)).permute(0, 2, 3, 1).reshape(B, h * w, F)  # deployed: one conv
+            y.baddbmm_(b_k, kernel[:, k * F:(k + 1) * F, 0, 0].T.expand(B, F, F))  # b_k: a view, channels-last
+        return relu_(y).reshape(B, h, w, F).permute(0, 3, 1, 2)  # (B, F, h, w), channels-last; no Dropout in eval
 
 
 def dwupconv_phase_kernel(up):
@@ -106,10 +106,12 @@ class FoldedTailJD(JD):
     nonlinear lies between them in Fig. 3, so classifier o DWUpConv is one transposed conv
     from F to S channels: on the 4 output phases, kernel[s, phase] = sum_c W_cls[s, c] *
     kernel_up[c, phase]. That replaces a grouped transposed conv, which PyTorch runs at under
-    2 GMAC/s on CPU, and its (B, F, H/8, W/8) output by a dense conv to 4S channels."""
+    2 GMAC/s on CPU, and its (B, F, H/8, W/8) output by a dense conv to 4S channels. conv3's
+    BN is folded into its conv (eval mode: an affine map per channel)."""
 
     def forward(self, r_hat, image_size, upsample=True):
-        y = self.conv3(self.aspp(r_hat))  # (B, F, H/16, W/16), as JD.forward
+        k3, b3 = fuse_conv_bn(self.conv3[0], self.conv3[1])
+        y = relu_(conv2d(self.aspp(r_hat), k3, b3, padding=self.conv3[0].padding))  # (B, F, H/16, W/16), as JD.forward
         G = self.up.groups
         k_up = dwupconv_phase_kernel(self.up)  # (G, F/G, 4, F/G, 2, 2)
         w_cls = self.classifier.weight[:, :, 0, 0]  # (S, F)
