@@ -419,7 +419,7 @@ class DistributedSegmenter(nn.Module):
     def segment(self, strings):
         """The deployed cloud, bytes to masks: byte strings of images of one size -> m (B, H, W),
         the masks of decompress's logits (upsampled_masks: the same integers, faster)."""
-        if self.decoder in ("none", "codec", "inversion"):
+        if self.decoder == "none" or self.image_out:
             raise ValueError(f"a {self.decoder!r} model's cloud makes no mask from bitstreams")
         r_hat, image_size = self.hyperprior.decompress(strings)
         return upsampled_masks(self.cloud_head(r_hat, image_size, upsample=False), image_size)
