@@ -906,7 +906,8 @@ def get_args_parser():
     p.add_argument("--dataset", default="cityscapes", choices=DATASETS, help="preset networks (data.PRESETS)")
     p.add_argument("--K", type=int, default=None, help="over-parameterization repetitions (default: preset's)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="benchmark input size")
-    p.add_argument("--repeat", type=int, default=3, help="the least number of benchmark runs after one warm-up (and at least 10 s of them)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="the least number of benchmark runs after one warm-up (and at least 10 s of them)")
     p.add_argument("--bpp", type=float, default=0.2, help="the benchmark's latent rate (default %(default)s: "
                    "inside Fig. 5's 0.02-0.3 bpp)")
     # system

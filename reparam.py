@@ -110,8 +110,8 @@ class FoldedTailJD(JD):
     BN is folded into its conv (eval mode: an affine map per channel)."""
 
     def forward(self, r_hat, image_size, upsample=True):
-        k3, b3 = fuse_conv_bn(self.conv3[0], self.conv3[1])
-        y = relu_(conv2d(self.aspp(r_hat), k3, b3, padding=self.conv3[0].padding))  # (B, F, H/16, W/16), as JD.forward
+        k3, b3 = fuse_conv_bn(self.conv3[0], self.conv3[1])  # conv3 = conv, BN, ReLU
+        y = relu_(conv2d(self.aspp(r_hat), k3, b3, padding=self.conv3[0].padding))  # (B, F, H/16, W/16)
         G = self.up.groups
         k_up = dwupconv_phase_kernel(self.up)  # (G, F/G, 4, F/G, 2, 2)
         w_cls = self.classifier.weight[:, :, 0, 0]  # (S, F)
