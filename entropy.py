@@ -240,13 +240,11 @@ def coder_tables(entropy_model, indexes):
     return compact.tolist(), cdfs.tolist(), lengths.tolist(), entropy_model._offset.cpu()[used].tolist()
 
 
-def rans_encode(entropy_model, symbols, indexes, tables=None):
+def rans_encode(entropy_model, symbols, indexes):
     """Integer symbols (B, ...) with their CDF indexes -> B rANS byte strings, as CompressAI's
-    EntropyModel.compress writes them (the same coder, the same rows of the same tables).
-    `tables`: coder_tables of each of the B index maps, where the caller has them already."""
-    tables = tables or [coder_tables(entropy_model, i) for i in indexes]
-    return [entropy_model.entropy_coder.encode_with_indexes(s.flatten().int().tolist(), *t)
-            for s, t in zip(symbols, tables)]
+    EntropyModel.compress writes them (the same coder, the same rows of the same tables)."""
+    return [entropy_model.entropy_coder.encode_with_indexes(s.flatten().int().tolist(), *coder_tables(entropy_model, i))
+            for s, i in zip(symbols, indexes)]
 
 
 def rans_decode(entropy_model, strings, indexes, name):

@@ -78,6 +78,11 @@ def to_unit(x):
     return (x * std + mean).clamp(0, 1)
 
 
+def as_shown(x):
+    """A normalized batch -> the image as a screen shows it: RGB in [0, 1], rounded to 8 bits."""
+    return torch.round(255 * to_unit(x)) / 255
+
+
 def psnr(x_hat, x):
     """PSNR in dB (B,) of [0, 1] images: 10 log10(1 / MSE)."""
     return -10 * torch.log10((x_hat - x).pow(2).flatten(1).mean(1).clamp(min=1e-10))
@@ -139,8 +144,8 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
             else:
                 stats[0] += 8 * sum(len(s) for s in strings)
                 logits = model.decompress(strings)  # the cloud, from the bytes alone
-        if image_out:  # the image as the cloud would show it: in [0, 1], rounded to 8 bits
-            x_hat, x01 = (torch.round(255 * to_unit(v)) / 255 for v in (logits, x))
+        if image_out:  # the image as the cloud would show it
+            x_hat, x01 = as_shown(logits), as_shown(x)
             stats[5] += psnr(x_hat, x01).sum().item()
             stats[6] += ssim(x_hat, x01).sum().item()
         else:
@@ -539,7 +544,7 @@ def codec_image_quality(dataset, codec, qualities=None):
         bits = pixels = score_psnr = score_ssim = 0.0
         for x, _ in torch.utils.data.DataLoader(dataset, batch_size=8):
             decoded, n_bytes = code_images(x, codec, q)
-            x_hat, x01 = (torch.round(255 * to_unit(v)) / 255 for v in (decoded, x))
+            x_hat, x01 = as_shown(decoded), as_shown(x)
             score_psnr += psnr(x_hat, x01).sum().item()
             score_ssim += ssim(x_hat, x01).sum().item()
             bits, pixels = bits + 8 * n_bytes, pixels + x.shape[0] * x.shape[-2] * x.shape[-1]
@@ -608,7 +613,7 @@ def privacy(ckpts, device, split="val", limit=None, data_root=None, codecs=("jpe
         for q in sorted(near):
             decoded, n_bytes = code_images(x, codec, q)
             panels.append((to_unit(decoded), f"{IMAGE_CODECS[codec][0].split(' ')[0]} q={q}", 8 * n_bytes / x[0, 0].numel()))
-    x01 = torch.round(255 * to_unit(x)) / 255
+    x01 = as_shown(x)
     panels.insert(len(ckpts), (painting, "mask only", None))
     images = [(x01, "original", None)] + [(torch.round(255 * p.cpu()) / 255, t, b) for p, t, b in panels]
     titles = [t if k == 0 else f"{t}: {'' if b is None else f'{b:.3f} bpp, '}{psnr(p, x01).item():.1f} dB"
