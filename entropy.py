@@ -6,25 +6,34 @@ Training:  r -> r + U(-1/2, 1/2), h -> h + U(-1/2, 1/2); the rate is -log2 of th
            h^ into b_h (EntropyBottleneck, a learned factorized prior) and r^ into b_r
            (GaussianConditional, zero-mean, sigma = HD(h^)).
 
-One image becomes one self-describing byte string (the "container", format version 2):
+One image becomes one self-describing byte string (the "container", format version 3):
 
     offset  size  field
-    0       1     format byte 0xD2: magic nibble 0xD ("DSSJ"), format version 2 in the low nibble
+    0       1     format byte 0xD3: magic nibble 0xD ("DSSJ"), format version 3 in the low nibble
     1       1     model tag: the low 8 bits of the model id (names a foreign model's string)
     2       1-3   image H, unsigned LEB128 varint (7 bits a byte)
     .       1-3   image W, varint
-    .       1-3   length of b_h in bytes, varint; b_r is the rest of the string
+    .       1-3   length of b_h in bytes, varint
+    .       1-3   (k - 1 times) length of each b_r stream but the last, varint
     .       4     check value: CRC32 over the 4-byte model id, the header bytes before it,
                   and the payload. The model id is a CRC32 of the entropy models' CDF tables
                   and HD's weights, so a string is accepted only by the model that wrote it.
-    .       ...   b_h, then b_r
+    .       ...   b_h, then the k streams of b_r (the last is the rest of the string)
 
-At 128x256 with b_h under 128 bytes the header is 11 bytes (0.0027 bpp; 1024x2048: 12). What
-the model and the image size determine is not sent: the latent channels N, r^'s size
-ceil(H/16) x ceil(W/16) (output stride 8 of E, stride 2 of SE) and h^'s size ceil(H/64) x
-ceil(W/64). Version 1 had a 35-byte header (0.0085 bpp at 128x256, 12 % of the default run's
-rate); its strings, and those of a 14-byte draft of version 2 (b"DJ\x02"), are refused with a
-message that says to re-encode.
+b_r is coded as k = ceil(N h w / STREAM_SYMBOLS) rANS streams of consecutive symbols of r^ in
+(channel, row, column) order, as equal as possible: one stream up to 2^17 symbols (all images
+up to 512x1024 at N = 64), four at 1024x2048. This keeps the buffer that rans_decode decodes
+each stream from (the payload and the zero words that a hostile stream may read past it) near
+13 MB: as one stream, a 1024x2048 image needed 50 MB, allocated twice, and the page faults cost
+~100 ms per image on the cloud (docs/experiments.md, "The cloud benchmark").
+
+At 128x256 with b_h under 128 bytes the header is 11 bytes (0.0027 bpp; 1024x2048: 12 + the
+three stream lengths). What the model and the image size determine is not sent: the latent
+channels N, r^'s size ceil(H/16) x ceil(W/16) (output stride 8 of E, stride 2 of SE), h^'s
+size ceil(H/64) x ceil(W/64) and k. Version 1 had a 35-byte header (0.0085 bpp at 128x256,
+12 % of the default run's rate); version 2 sent b_r as one stream (its strings are version 3's
+with another format byte where k = 1). Strings of versions 1 and 2, and of a 14-byte draft of
+version 2 (b"DJ\x02"), are refused with a message that says to re-encode.
 
 Every string is hostile until proven otherwise. Before any entropy decoding the header is
 checked (magic, version, sizes against MAX_IMAGE_PIXELS, the check value, payload lengths that
@@ -53,7 +62,8 @@ from compressai.models.base import get_scale_table  # noqa: E402
 from compressai.models.utils import update_registered_buffers  # noqa: E402
 
 MAGIC = 0xD0  # high nibble of the format byte: "DSSJ" (Distributed Semantic Segmentation, Joint decoding)
-VERSION = 2
+VERSION = 3
+STREAM_SYMBOLS = 2**17  # b_r is cut into rANS streams of at most this many symbols (docstring)
 MAX_IMAGE_PIXELS = 2048 * 4096  # a string declaring a larger image is refused (as Pillow's cap);
 #                                  4x a Cityscapes frame; evaluate.py --max-image-pixels sets it
 LATENT_LIMIT = 2**20  # |symbol| beyond this is refused: CompressAI's escape coding of a value
@@ -163,17 +173,19 @@ class HyperpriorCoder(nn.Module):
         b_h = rans_encode(eb, symbols_h, self._channel_indexes(h))
         h_hat = symbols_h + medians  # what the cloud decodes
         indexes = self.scale_indexes(self._sigma_for_coding(h_hat, r.shape[-2:]))
-        symbols_r = torch.round(r)
-        check_codable(symbols_r, "r")
-        b_r = rans_encode(gc, symbols_r, indexes)
+        k = r_streams(self.N, image_size)
+        b_r = []  # k lists of B strings
+        for symbols, i in zip(torch.round(r).flatten(1).tensor_split(k, 1), indexes.flatten(1).tensor_split(k, 1)):
+            check_codable(symbols, "r")
+            b_r.append(rans_encode(gc, symbols, i))
         model_id = self.model_id()
-        return [pack(s_h, s_r, image_size, model_id) for s_h, s_r in zip(b_h, b_r)]
+        return [pack(s_h, list(s_r), image_size, model_id) for s_h, *s_r in zip(b_h, *b_r)]
 
     @torch.no_grad()
     def decompress(self, strings):
         """B containers (bytes) of equal image size -> r^ (B, N, H/16, W/16), (H, W)."""
         model_id = self.model_id()
-        fields = [unpack(s, model_id) for s in strings]  # header checks before any decoding
+        fields = [unpack(s, model_id, self.N) for s in strings]  # header checks before any decoding
         sizes = {f["image_size"] for f in fields}
         if len(sizes) != 1:
             raise ValueError(f"cannot batch strings of different image sizes {sorted(sizes)}; "
@@ -186,8 +198,10 @@ class HyperpriorCoder(nn.Module):
         symbols_h = rans_decode(eb, [f["b_h"] for f in fields], indexes, "b_h")
         h_hat = (symbols_h + medians).to(device)  # on the model's device, as in compress
         indexes = self.scale_indexes(self._sigma_for_coding(h_hat, latent_size(image_size))).cpu()
-        r_hat = rans_decode(gc, [f["b_r"] for f in fields], indexes, "b_r")
-        return r_hat.to(device), image_size
+        k = len(fields[0]["b_r"])  # r_streams(N, image_size), as unpack parsed them
+        r_hat = [rans_decode(gc, [f["b_r"][c] for f in fields], i, "b_r")  # stream by stream
+                 for c, i in enumerate(indexes.flatten(1).tensor_split(k, 1))]
+        return torch.cat(r_hat, 1).reshape(indexes.shape).to(device), image_size
 
     @staticmethod
     def _channel_indexes(h):
@@ -204,6 +218,12 @@ def hyper_size(image_size):
     """h's size: SE's h_a has stride 4 on r."""
     rh, rw = latent_size(image_size)
     return -(-rh // 4), -(-rw // 4)
+
+
+def r_streams(N, image_size):
+    """k, the number of rANS streams that carry b_r (module docstring)."""
+    rh, rw = latent_size(image_size)
+    return -(-N * rh * rw // STREAM_SYMBOLS)
 
 
 # -----------------------------------------------------------------------------
@@ -309,31 +329,40 @@ def check_value(model_id, head, payload):
 
 
 def pack(b_h, b_r, image_size, model_id):
-    """The container (module docstring): header, check value, b_h, b_r."""
+    """The container (module docstring): header, check value, b_h, the list of b_r streams."""
     head = bytes([MAGIC | VERSION, model_id & 0xFF])
-    head += varint(image_size[0]) + varint(image_size[1]) + varint(len(b_h))
-    return head + struct.pack(">I", check_value(model_id, head, b_h + b_r)) + b_h + b_r
+    head += varint(image_size[0]) + varint(image_size[1]) + b"".join(varint(len(b)) for b in [b_h, *b_r[:-1]])
+    payload = b_h + b"".join(b_r)
+    return head + struct.pack(">I", check_value(model_id, head, payload)) + payload
 
 
-def unpack(data, model_id):
-    """Parse and check one container for the model `model_id`; raises ValueError naming what
-    is wrong. Nothing is decoded here, and nothing is allocated beyond the string itself."""
+def unpack(data, model_id, N):
+    """Parse and check one container for the model `model_id` with N latent channels; raises
+    ValueError naming what is wrong. Nothing is decoded here, and nothing is allocated beyond
+    the string itself."""
     if not isinstance(data, (bytes, bytearray)):
         raise ValueError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
     if data[:4] == b"DSSJ" or data[:3] == b"DJ\x02":
         raise ValueError("an older bitstream format (version 1, or the 14-byte draft of version 2); this "
-                         "decoder reads version 2: re-encode the images (evaluate.py --save-bitstreams)")
+                         f"decoder reads version {VERSION}: re-encode the images (evaluate.py --save-bitstreams)")
     if len(data) < 2:
         raise ValueError(f"truncated bitstream: {len(data)} bytes")
     if data[0] & 0xF0 != MAGIC:
         raise ValueError(f"not a DSSJ bitstream (format byte {data[0]:#04x}, expected {MAGIC | VERSION:#04x})")
     if data[0] & 0x0F != VERSION:
-        raise ValueError(f"bitstream format version {data[0] & 0x0F}; this decoder reads version {VERSION}")
+        again = ": re-encode the images (evaluate.py --save-bitstreams)" if data[0] & 0x0F < VERSION else ""
+        raise ValueError(f"bitstream format version {data[0] & 0x0F}; this decoder reads version {VERSION}{again}")
     tag = data[1]
     H, pos = read_varint(data, 2, "the image height")
     W, pos = read_varint(data, pos, "the image width")
-    len_h, pos = read_varint(data, pos, "the length of b_h")
+    if not (1 <= H and 1 <= W and H * W <= MAX_IMAGE_PIXELS):  # before k depends on them
+        raise ValueError(f"bitstream declares a {H}x{W} image; this decoder takes 1 to {MAX_IMAGE_PIXELS} "
+                         "pixels (entropy.MAX_IMAGE_PIXELS, evaluate.py --max-image-pixels)")
+    lengths = []  # of b_h and of each b_r stream but the last
+    for name in ["b_h"] + [f"b_r stream {c + 1}" for c in range(r_streams(N, (H, W)) - 1)]:
+        n, pos = read_varint(data, pos, f"the length of {name}")
+        lengths.append(n)
     if len(data) < pos + 4:
         raise ValueError(f"truncated bitstream: {len(data)} bytes, the header alone is {pos + 4}")
     check = struct.unpack(">I", data[pos:pos + 4])[0]
@@ -345,12 +374,13 @@ def unpack(data, model_id):
         raise ValueError("corrupted bitstream: the check value does not match (damaged, cut or extended "
                          "in transit)")
     # a valid check value says only that the sender knows our model id: the rest is checked too
-    if not (1 <= H and 1 <= W and H * W <= MAX_IMAGE_PIXELS):
-        raise ValueError(f"bitstream declares a {H}x{W} image; this decoder takes 1 to {MAX_IMAGE_PIXELS} "
-                         "pixels (entropy.MAX_IMAGE_PIXELS, evaluate.py --max-image-pixels)")
-    b_h, b_r = payload[:len_h], payload[len_h:]
-    for name, b in (("b_h", b_h), ("b_r", b_r)):
+    streams, start = [], 0
+    for n in lengths:
+        streams.append(payload[start:start + n])
+        start += n
+    streams.append(payload[start:])  # the last b_r stream: the rest
+    for name, b in zip(["b_h"] + ["b_r"] * (len(streams) - 1), streams):
         if len(b) < 8 or len(b) % 4:
             raise ValueError(f"payload {name} of {len(b)} bytes cannot be an rANS stream (whole 32-bit "
                              "words, at least 8 bytes): truncated or forged")
-    return {"image_size": (H, W), "b_h": b_h, "b_r": b_r}
+    return {"image_size": (H, W), "b_h": streams[0], "b_r": streams[1:]}

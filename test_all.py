@@ -244,6 +244,7 @@ def test_corrupt_strings_refused(coded):
         "truncated": s[:8],
         "not a DSSJ": b"\x44" + s[1:],
         "version 7": b"\xd7" + s[1:],
+        "version 2; this decoder reads version 3: re-encode": b"\xd2" + s[1:],
         "older bitstream format": b"DSSJ\x01" + s,
         "corrupted": s[:-5],  # cut in transit: the check value no longer matches
         "corrupted ": s + b"\x00",  # extended in transit
@@ -281,20 +282,49 @@ def test_rans_bytes_are_compressais(coded):
         hp.gaussian_conditional.compress(r, indexes)
 
 
-def test_header_v2(coded):
-    """The version-2 header: format byte, model tag, H and W and len(b_h) as varints, the
-    check value; 9 or 10 bytes here; the latent sizes follow from the image size."""
+def test_header_v3(coded):
+    """The version-3 header: format byte, model tag, H and W and len(b_h) as varints (b_r is
+    one stream at this size), the check value; 9 or 10 bytes here; the latent sizes follow
+    from the image size."""
     model, x, strings = coded
     model_id = model.hyperprior.model_id()
-    fields = entropy.unpack(strings[0], model_id)
-    assert fields["image_size"] == (70, 99)
-    header = len(strings[0]) - len(fields["b_h"]) - len(fields["b_r"])
-    assert strings[0][0] == 0xD2 and strings[0][1] == model_id & 0xFF
+    fields = entropy.unpack(strings[0], model_id, model.hyperprior.N)
+    assert fields["image_size"] == (70, 99) and len(fields["b_r"]) == 1
+    header = len(strings[0]) - len(fields["b_h"]) - len(fields["b_r"][0])
+    assert strings[0][0] == 0xD3 and strings[0][1] == model_id & 0xFF
     assert header == 2 + 1 + 1 + len(entropy.varint(len(fields["b_h"]))) + 4
     assert strings[0][2:4] == bytes([70, 99])  # one varint byte each below 128
     assert entropy.latent_size((70, 99)) == (5, 7) and entropy.hyper_size((70, 99)) == (2, 2)
+    assert [entropy.r_streams(64, size) for size in [(512, 1024), (513, 1024), (1024, 2048)]] == [1, 2, 4]
     for n in (0, 1, 127, 128, 300, 16383, 2**21 - 1):
         assert entropy.read_varint(entropy.varint(n), 0, "n") == (n, len(entropy.varint(n)))
+
+
+def test_b_r_streams(coded, monkeypatch):
+    """b_r cut into k rANS streams (1024x2048 has 4 of 2^17 symbols; here 5 of at most 500):
+    the header lists k - 1 lengths, and the masks equal those of one stream. Streams with
+    their boundaries moved, one dropped, added or cut are refused even with a valid check
+    value. (Swapped streams are refused or, where their CDF indexes agree, decoded: a valid
+    string of another latent, as any string a sender with the model id can forge.)"""
+    model, x, strings = coded
+    hp = model.hyperprior
+    one_stream = model.decompress(strings)
+    monkeypatch.setattr(entropy, "STREAM_SYMBOLS", 500)
+    k = entropy.r_streams(hp.N, (70, 99))  # 64 * 5 * 7 = 2240 symbols
+    cut = model.compress(x)
+    assert k == 5 and torch.equal(model.decompress(cut), one_stream)
+    with pytest.raises(ValueError, match="corrupted"):  # k follows from N and the size: not sent
+        model.decompress(strings)
+    mid = hp.model_id()
+    f = entropy.unpack(cut[0], mid, hp.N)
+    assert len(f["b_r"]) == k and all(len(b) >= 8 and len(b) % 4 == 0 for b in f["b_r"])
+    header = len(cut[0]) - len(f["b_h"]) - sum(map(len, f["b_r"]))
+    assert header == 2 + 2 + sum(len(entropy.varint(len(b))) for b in [f["b_h"], *f["b_r"][:-1]]) + 4
+    b_r = f["b_r"]
+    moved = [b_r[0] + b_r[1][:4], b_r[1][4:], *b_r[2:]]
+    for bad in [moved, b_r[:-1], b_r + [b_r[-1]], [b_r[0][:-4], *b_r[1:]]]:
+        with pytest.raises(ValueError):
+            model.decompress([entropy.pack(f["b_h"], bad, (70, 99), mid)])
 
 
 # hostile input: every byte string is decoded or refused with a ValueError, never a crash
@@ -305,12 +335,14 @@ import entropy
 from model import DistributedSegmenter
 torch.manual_seed(0)
 torch.set_num_threads(1)
+entropy.STREAM_SYMBOLS = 64  # b_r in 3 rANS streams at 64x96, so that their boundaries are fuzzed too
 model = DistributedSegmenter("jd", 5, 64, 1, "resnet18-l2", N=8, dilations=(1, 2, 3)).eval()
 model.hyperprior.update()
 mid = model.hyperprior.model_id()
 x = torch.randn(2, 3, 64, 96)
 valid = model.compress(x)
-fields = [entropy.unpack(s, mid) for s in valid]
+fields = [entropy.unpack(s, mid, 8) for s in valid]
+assert all(len(f["b_r"]) == 3 for f in fields)
 rng = random.Random(0)
 def rand(n):
     return bytes(rng.getrandbits(8) for _ in range(n))
@@ -319,26 +351,33 @@ def forge(b_h, b_r, size=(64, 96)):  # a container whose check value is right fo
 def mutations():
     for _ in range(250):
         f = rng.choice(fields)
-        b, k = f["b_h"] + f["b_r"], rng.randrange(-24, 25)
-        yield forge(b[:len(f["b_h"]) + k], b[len(f["b_h"]) + k:])  # lengths shifted
-        yield forge(f["b_r"], f["b_h"])  # swapped
-        yield forge(rng.choice([b"", f["b_h"]]), rng.choice([b"", f["b_r"][:rng.randrange(12)]]))  # empty, short
-        yield forge(f["b_h"], f["b_r"], (rng.randrange(1, 300), rng.randrange(1, 300)))  # other sizes
-        yield forge(f["b_h"], f["b_r"], rng.choice([(65535, 65535), (4096, 4096), (1, 2**20), (0, 96)]))
-        yield forge(rand(rng.randrange(0, 16)), rand(rng.randrange(0, 16)))  # short random payloads
-        yield forge(f["b_h"], rand(4 * rng.randrange(2, 300)))  # random b_r after a valid b_h
-        yield forge(rand(4 * rng.randrange(2, 40)), rand(4 * rng.randrange(2, 300)))
-        yield forge(f["b_h"], f["b_r"][:-4 * rng.randrange(1, 4)])  # cut short, check fixed
-        b = bytearray(f["b_r"])
-        b[rng.randrange(len(b))] ^= 1 << rng.randrange(8)
-        yield forge(f["b_h"], bytes(b))  # a flipped bit, check fixed
+        b_h, b_r = f["b_h"], list(f["b_r"])
+        j = rng.randrange(len(b_r))
+        cuts = [0] + [len(b_h + b"".join(b_r[:c + 1])) for c in range(len(b_r))]
+        cuts[1 + rng.randrange(len(b_r))] += rng.randrange(-24, 25)
+        b = b_h + b"".join(b_r)
+        parts = [b[a:c] for a, c in zip(cuts[:-1], cuts[1:])]
+        yield forge(parts[0], parts[1:])  # a stream boundary shifted
+        streams = [b_h, *b_r]
+        rng.shuffle(streams)
+        yield forge(streams[0], streams[1:])  # streams swapped
+        yield forge(rng.choice([b"", b_h]), [rng.choice([b"", s[:rng.randrange(12)]]) for s in b_r])  # empty, short
+        yield forge(b_h, b_r, (rng.randrange(1, 300), rng.randrange(1, 300)))  # other sizes (and stream counts)
+        yield forge(b_h, b_r, rng.choice([(65535, 65535), (4096, 4096), (1, 2**20), (0, 96)]))
+        yield forge(rand(rng.randrange(0, 16)), [rand(rng.randrange(0, 16)) for s in b_r])  # short random payloads
+        yield forge(b_h, b_r[:j] + [rand(4 * rng.randrange(2, 300))] + b_r[j + 1:])  # a random stream after a valid b_h
+        yield forge(rand(4 * rng.randrange(2, 40)), [rand(4 * rng.randrange(2, 300)) for s in b_r])
+        yield forge(b_h, b_r[:j] + [b_r[j][:-4 * rng.randrange(1, 4)]] + b_r[j + 1:])  # cut short, check fixed
+        s = bytearray(b_r[j])
+        s[rng.randrange(len(s))] ^= 1 << rng.randrange(8)
+        yield forge(b_h, b_r[:j] + [bytes(s)] + b_r[j + 1:])  # a flipped bit, check fixed
         yield rand(rng.randrange(0, 64))  # noise
 n = decoded = 0
 t0 = time.time()
 for s in mutations():
     try:
         out = model.decompress([s])
-        size = entropy.unpack(s, mid)["image_size"]
+        size = entropy.unpack(s, mid, 8)["image_size"]
         assert out.shape == (1, 5, *size), out.shape
         decoded += 1
     except ValueError:
@@ -349,10 +388,11 @@ print(f"{n} strings, {decoded} decoded, {n - decoded} refused, {time.time() - t0
 
 
 def test_fuzz_decompress_never_crashes():
-    """2750 structured mutations with the check value recomputed (shifted, swapped, empty and
-    short payloads, other and huge sizes, random payloads after a valid header, cut streams,
-    flipped bits) and noise: each is decoded to masks of its declared size or refused with a
-    ValueError. In a subprocess, so that a crash of the C++ decoder fails the test."""
+    """2750 structured mutations of strings with 3 b_r streams, the check value recomputed
+    (stream boundaries shifted, streams swapped, empty and short payloads, other and huge
+    sizes, random streams after a valid header, cut streams, flipped bits) and noise: each
+    is decoded to masks of its declared size or refused with a ValueError. In a subprocess,
+    so that a crash of the C++ decoder fails the test."""
     proc = subprocess.run([sys.executable, "-c", FUZZ], cwd=HERE, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
@@ -365,7 +405,7 @@ def test_bomb_refused_before_decoding(coded):
     refused from its header, with a valid check value and real payloads."""
     model, x, strings = coded
     mid = model.hyperprior.model_id()
-    f = entropy.unpack(strings[0], mid)
+    f = entropy.unpack(strings[0], mid, model.hyperprior.N)
     for size in [(65535, 65535), (4096, 4096)]:
         with pytest.raises(ValueError, match="declares a"):
             model.decompress([entropy.pack(f["b_h"], f["b_r"], size, mid)])
@@ -383,12 +423,13 @@ def test_empty_payloads_refused(coded):
     before the C++ decoder could read past them."""
     model, x, strings = coded
     mid = model.hyperprior.model_id()
-    f = entropy.unpack(strings[0], mid)
-    for b_h, b_r in [(b"", b""), (f["b_h"], b""), (b"", f["b_r"]), (f["b_h"], f["b_r"][:-3])]:
-        s = entropy.pack(b_h, b_r, (70, 99), mid)
+    f = entropy.unpack(strings[0], mid, model.hyperprior.N)
+    b_r = f["b_r"][0]
+    for b_h, b_r in [(b"", b""), (f["b_h"], b""), (b"", b_r), (f["b_h"], b_r[:-3])]:
+        s = entropy.pack(b_h, [b_r], (70, 99), mid)
         with pytest.raises(ValueError, match="cannot be an rANS stream"):
             model.decompress([s])
-    assert len(entropy.pack(b"", b"", (70, 99), mid)) == 9
+    assert len(entropy.pack(b"", [b""], (70, 99), mid)) == 9
 
 
 ENCODER_OVERFLOW = r"""
@@ -449,7 +490,8 @@ def test_real_bits_match_likelihood_bits():
         est_bits = bits_per_pixel(p, 1).item()  # Eq. (1) times the pixels: bits
         strings = coder.compress(r, h, (256, 256))
     model_id = coder.model_id()
-    real_bits = 8 * sum(len(f["b_h"]) + len(f["b_r"]) for f in (entropy.unpack(s, model_id) for s in strings))
+    fields = [entropy.unpack(s, model_id, coder.N) for s in strings]
+    real_bits = 8 * sum(len(f["b_h"]) + sum(map(len, f["b_r"])) for f in fields)
     assert abs(real_bits / est_bits - 1) < 0.10, (real_bits, est_bits)
 
 
