@@ -20,17 +20,17 @@ One image becomes one self-describing byte string (the "container", format versi
                   and HD's weights, so a string is accepted only by the model that wrote it.
     .       ...   b_h, then the k streams of b_r (the last is the rest of the string)
 
-b_r is coded as k = ceil(N h w / STREAM_SYMBOLS) rANS streams of consecutive symbols of r^ in
-(channel, row, column) order, as equal as possible: one stream up to 2^17 symbols (all images
-up to 512x1024 at N = 64), four at 1024x2048. This keeps the buffer that rans_decode decodes
-each stream from (the payload and the zero words that a hostile stream may read past it) near
-13 MB: as one stream, a 1024x2048 image needed 50 MB, allocated twice, and the page faults cost
-~100 ms per image on the cloud (docs/experiments.md, "The cloud benchmark").
+b_r is coded as k = ceil(M h w / STREAM_SYMBOLS) rANS streams of consecutive symbols of r^ (M
+channels of h x w) in (channel, row, column) order, as equal as possible: one stream up to
+2^17 symbols (all images up to 512x1024 at M = 64), four at 1024x2048. This keeps the buffer
+that rans_decode decodes each stream from (the payload and the zero words that a hostile
+stream may read past it) near 13 MB: as one stream, a 1024x2048 image needed 50 MB, allocated
+twice, whose page faults cost 60-75 ms per image (docs/experiments.md, "The cloud benchmark").
 
-At 128x256 with b_h under 128 bytes the header is 11 bytes (0.0027 bpp; 1024x2048: 12 + the
-three stream lengths). What the model and the image size determine is not sent: the latent
-channels N, r^'s size ceil(H/16) x ceil(W/16) (output stride 8 of E, stride 2 of SE), h^'s
-size ceil(H/64) x ceil(W/64) and k. Version 1 had a 35-byte header (0.0085 bpp at 128x256,
+At 128x256 with b_h under 128 bytes the header is 11 bytes (0.0027 bpp; 1024x2048: 18-19 with
+the three stream lengths). What the model and the image size determine is not sent: the
+channels (N of h^, M of r^), r^'s size ceil(H/16) x ceil(W/16) (output stride 8 of E, stride 2
+of SE), h^'s size ceil(H/64) x ceil(W/64) and k. Version 1 had a 35-byte header (0.0085 bpp at 128x256,
 12 % of the default run's rate); version 2 sent b_r as one stream (its strings are version 3's
 with another format byte where k = 1). Strings of versions 1 and 2, and of a 14-byte draft of
 version 2 (b"DJ\x02"), are refused with a message that says to re-encode.
@@ -97,9 +97,10 @@ class HyperpriorCoder(nn.Module):
     The entropy models always run in float32 (a float16 autocast underflows the 1e-9
     likelihood floor and the rate becomes infinite; bf16 outside them is fine)."""
 
-    def __init__(self, HD: nn.Module, N=64):
+    def __init__(self, HD: nn.Module, N=64, M=None):
         super().__init__()
-        self.N = N
+        self.N = N  # channels of h
+        self.M = M or N  # channels of r (N in JD and Ahuja et al.; M = 320 for the codec's y)
         self.HD = HD  # hyper-decoder, shared by edge (to code r) and cloud (to decode r)
         self.entropy_bottleneck = EntropyBottleneck(N)
         self.gaussian_conditional = GaussianConditional(None)  # sigma lower-bounded at 0.11
@@ -173,7 +174,7 @@ class HyperpriorCoder(nn.Module):
         b_h = rans_encode(eb, symbols_h, self._channel_indexes(h))
         h_hat = symbols_h + medians  # what the cloud decodes
         indexes = self.scale_indexes(self._sigma_for_coding(h_hat, r.shape[-2:]))
-        k = r_streams(self.N, image_size)
+        k = r_streams(self.M, image_size)
         b_r = []  # k lists of B strings
         for symbols, i in zip(torch.round(r).flatten(1).tensor_split(k, 1), indexes.flatten(1).tensor_split(k, 1)):
             check_codable(symbols, "r")
@@ -185,7 +186,7 @@ class HyperpriorCoder(nn.Module):
     def decompress(self, strings):
         """B containers (bytes) of equal image size -> r^ (B, N, H/16, W/16), (H, W)."""
         model_id = self.model_id()
-        fields = [unpack(s, model_id, self.N) for s in strings]  # header checks before any decoding
+        fields = [unpack(s, model_id, self.M) for s in strings]  # header checks before any decoding
         sizes = {f["image_size"] for f in fields}
         if len(sizes) != 1:
             raise ValueError(f"cannot batch strings of different image sizes {sorted(sizes)}; "
@@ -198,7 +199,7 @@ class HyperpriorCoder(nn.Module):
         symbols_h = rans_decode(eb, [f["b_h"] for f in fields], indexes, "b_h")
         h_hat = (symbols_h + medians).to(device)  # on the model's device, as in compress
         indexes = self.scale_indexes(self._sigma_for_coding(h_hat, latent_size(image_size))).cpu()
-        k = len(fields[0]["b_r"])  # r_streams(N, image_size), as unpack parsed them
+        k = len(fields[0]["b_r"])  # r_streams(M, image_size), as unpack parsed them
         r_hat = [rans_decode(gc, [f["b_r"][c] for f in fields], i, "b_r")  # stream by stream
                  for c, i in enumerate(indexes.flatten(1).tensor_split(k, 1))]
         return torch.cat(r_hat, 1).reshape(indexes.shape).to(device), image_size
@@ -220,10 +221,10 @@ def hyper_size(image_size):
     return -(-rh // 4), -(-rw // 4)
 
 
-def r_streams(N, image_size):
-    """k, the number of rANS streams that carry b_r (module docstring)."""
+def r_streams(M, image_size):
+    """k, the number of rANS streams that carry the M x ceil(H/16) x ceil(W/16) symbols of b_r."""
     rh, rw = latent_size(image_size)
-    return -(-N * rh * rw // STREAM_SYMBOLS)
+    return -(-M * rh * rw // STREAM_SYMBOLS)
 
 
 # -----------------------------------------------------------------------------
@@ -338,8 +339,8 @@ def pack(b_h, b_r, image_size, model_id):
     return head + struct.pack(">I", check_value(model_id, head, payload)) + payload
 
 
-def unpack(data, model_id, N):
-    """Parse and check one container for the model `model_id` with N latent channels; raises
+def unpack(data, model_id, M):
+    """Parse and check one container for the model `model_id` whose r has M channels; raises
     ValueError naming what is wrong. Nothing is decoded here, and nothing is allocated beyond
     the string itself."""
     if not isinstance(data, (bytes, bytearray)):
@@ -362,7 +363,7 @@ def unpack(data, model_id, N):
         raise ValueError(f"bitstream declares a {H}x{W} image; this decoder takes 1 to {MAX_IMAGE_PIXELS} "
                          "pixels (entropy.MAX_IMAGE_PIXELS, evaluate.py --max-image-pixels)")
     lengths = []  # of b_h and of each b_r stream but the last
-    for name in ["b_h"] + [f"b_r stream {c + 1}" for c in range(r_streams(N, (H, W)) - 1)]:
+    for name in ["b_h"] + [f"b_r stream {c + 1}" for c in range(r_streams(M, (H, W)) - 1)]:
         n, pos = read_varint(data, pos, f"the length of {name}")
         lengths.append(n)
     if len(data) < pos + 4:

@@ -656,7 +656,7 @@ def latent_at_rate(hp, h_a, batch, size, bpp, seed=0):
     this coder: r = round(s * noise), s found by bisection on the real bytes (the benchmark's
     models are untrained, so a trained latent's statistics are not at hand)."""
     g = torch.Generator().manual_seed(seed)
-    noise = torch.randn(batch, hp.N, *entropy.latent_size(size), generator=g)
+    noise = torch.randn(batch, hp.M, *entropy.latent_size(size), generator=g)
 
     def code(s):
         r = torch.round(s * noise)

@@ -339,7 +339,7 @@ class DistributedSegmenter(nn.Module):
         self.decoder = decoder
         if decoder in ("jsde", "codec"):  # the edge is an image codec's: no E
             self.SE = CodecSE(codec_N, codec_M)
-            self.hyperprior = HyperpriorCoder(codec_HD(codec_N, codec_M), codec_N)
+            self.hyperprior = HyperpriorCoder(codec_HD(codec_N, codec_M), codec_N, codec_M)
             if decoder == "jsde":
                 self.JSDE = JSDE(codec_M, encoder)
                 self.D = D(self.JSDE.C, S, F, head)

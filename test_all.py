@@ -288,7 +288,7 @@ def test_header_v3(coded):
     from the image size."""
     model, x, strings = coded
     model_id = model.hyperprior.model_id()
-    fields = entropy.unpack(strings[0], model_id, model.hyperprior.N)
+    fields = entropy.unpack(strings[0], model_id, model.hyperprior.M)
     assert fields["image_size"] == (70, 99) and len(fields["b_r"]) == 1
     header = len(strings[0]) - len(fields["b_h"]) - len(fields["b_r"][0])
     assert strings[0][0] == 0xD3 and strings[0][1] == model_id & 0xFF
@@ -310,13 +310,13 @@ def test_b_r_streams(coded, monkeypatch):
     hp = model.hyperprior
     one_stream = model.decompress(strings)
     monkeypatch.setattr(entropy, "STREAM_SYMBOLS", 500)
-    k = entropy.r_streams(hp.N, (70, 99))  # 64 * 5 * 7 = 2240 symbols
+    k = entropy.r_streams(hp.M, (70, 99))  # 64 * 5 * 7 = 2240 symbols
     cut = model.compress(x)
     assert k == 5 and torch.equal(model.decompress(cut), one_stream)
     with pytest.raises(ValueError, match="corrupted"):  # k follows from N and the size: not sent
         model.decompress(strings)
     mid = hp.model_id()
-    f = entropy.unpack(cut[0], mid, hp.N)
+    f = entropy.unpack(cut[0], mid, hp.M)
     assert len(f["b_r"]) == k and all(len(b) >= 8 and len(b) % 4 == 0 for b in f["b_r"])
     header = len(cut[0]) - len(f["b_h"]) - sum(map(len, f["b_r"]))
     assert header == 2 + 2 + sum(len(entropy.varint(len(b))) for b in [f["b_h"], *f["b_r"][:-1]]) + 4
@@ -405,7 +405,7 @@ def test_bomb_refused_before_decoding(coded):
     refused from its header, with a valid check value and real payloads."""
     model, x, strings = coded
     mid = model.hyperprior.model_id()
-    f = entropy.unpack(strings[0], mid, model.hyperprior.N)
+    f = entropy.unpack(strings[0], mid, model.hyperprior.M)
     for size in [(65535, 65535), (4096, 4096)]:
         with pytest.raises(ValueError, match="declares a"):
             model.decompress([entropy.pack(f["b_h"], f["b_r"], size, mid)])
@@ -423,7 +423,7 @@ def test_empty_payloads_refused(coded):
     before the C++ decoder could read past them."""
     model, x, strings = coded
     mid = model.hyperprior.model_id()
-    f = entropy.unpack(strings[0], mid, model.hyperprior.N)
+    f = entropy.unpack(strings[0], mid, model.hyperprior.M)
     b_r = f["b_r"][0]
     for b_h, b_r in [(b"", b""), (f["b_h"], b""), (b"", b_r), (f["b_h"], b_r[:-3])]:
         s = entropy.pack(b_h, [b_r], (70, 99), mid)
@@ -490,7 +490,7 @@ def test_real_bits_match_likelihood_bits():
         est_bits = bits_per_pixel(p, 1).item()  # Eq. (1) times the pixels: bits
         strings = coder.compress(r, h, (256, 256))
     model_id = coder.model_id()
-    fields = [entropy.unpack(s, model_id, coder.N) for s in strings]
+    fields = [entropy.unpack(s, model_id, coder.M) for s in strings]
     real_bits = 8 * sum(len(f["b_h"]) + sum(map(len, f["b_r"])) for f in fields)
     assert abs(real_bits / est_bits - 1) < 0.10, (real_bits, est_bits)
 
@@ -932,9 +932,10 @@ def test_finetune_on_decoded_images(ckpts, tmp_path):
 TINY_CODEC = ["--codec-N", "16", "--codec-M", "24"]
 
 
-def test_jsde_roundtrip_through_bitstreams(tmp_path):
+def test_jsde_roundtrip_through_bitstreams(tmp_path, monkeypatch):
     """A tiny JSDE: y (M, H/16) and z (N, H/64) coded in the container; the cloud's y^ is the
-    rounded y and its masks, from the bytes alone and from files, equal the eval forward's."""
+    rounded y and its masks, from the bytes alone and from files, equal the eval forward's.
+    b_r's streams are counted on y's M channels."""
     model = tiny_model("jsde", codec_N=16, codec_M=24).eval()
     model.hyperprior.update()
     x = torch.randn(2, 3, 70, 99)
@@ -950,6 +951,11 @@ def test_jsde_roundtrip_through_bitstreams(tmp_path):
         (tmp_path / f"{i}.dssj").write_bytes(s)
     from_files = [(tmp_path / f"{i}.dssj").read_bytes() for i in range(2)]
     assert torch.equal(model.decompress(from_files), model.decompress(strings))
+    monkeypatch.setattr(entropy, "STREAM_SYMBOLS", 100)  # 24 * 5 * 7 = 840 symbols: 9 streams (N's 16: 6)
+    cut = model.compress(x)
+    assert len(entropy.unpack(cut[0], model.hyperprior.model_id(), 24)["b_r"]) == 9
+    assert torch.equal(model.hyperprior.decompress(cut)[0], y_hat)
+    monkeypatch.undo()
     with pytest.raises(ValueError, match="another model"):
         tiny_model("jd").eval().decompress(strings[:1])
     from compressai.models import ScaleHyperprior  # a CompressAI codec's state dict starts a JSDE
