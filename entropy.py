@@ -30,10 +30,10 @@ twice, whose page faults cost 60-75 ms per image (docs/experiments.md, "The clou
 At 128x256 with b_h under 128 bytes the header is 11 bytes (0.0027 bpp; 1024x2048: 18-19 with
 the three stream lengths). What the model and the image size determine is not sent: the
 channels (N of h^, M of r^), r^'s size ceil(H/16) x ceil(W/16) (output stride 8 of E, stride 2
-of SE), h^'s size ceil(H/64) x ceil(W/64) and k. Version 1 had a 35-byte header (0.0085 bpp at 128x256,
-12 % of the default run's rate); version 2 sent b_r as one stream (its strings are version 3's
-with another format byte where k = 1). Strings of versions 1 and 2, and of a 14-byte draft of
-version 2 (b"DJ\x02"), are refused with a message that says to re-encode.
+of SE), h^'s size ceil(H/64) x ceil(W/64) and k. Version 1 had a 35-byte header (0.0085 bpp
+at 128x256, 12 % of the default run's rate); version 2 sent b_r as one stream (its strings
+are version 3's with another format byte where k = 1). Strings of versions 1 and 2, and of a
+14-byte draft of version 2 (b"DJ\x02"), are refused with a message that says to re-encode.
 
 Every string is hostile until proven otherwise. Before any entropy decoding the header is
 checked (magic, version, sizes against MAX_IMAGE_PIXELS, the check value, payload lengths that
@@ -162,7 +162,7 @@ class HyperpriorCoder(nn.Module):
 
     @torch.no_grad()
     def compress(self, r, h, image_size):
-        """r (B, N, H/16, W/16), h (B, N, H/64, W/64) -> B containers (bytes)."""
+        """r (B, M, H/16, W/16), h (B, N, H/64, W/64) -> B containers (bytes)."""
         r, h = r.float(), h.float()
         if r.shape[-2:] != latent_size(image_size) or h.shape[-2:] != hyper_size(image_size):
             raise ValueError(f"latents {tuple(r.shape[-2:])} and {tuple(h.shape[-2:])} do not fit an image of "
@@ -184,7 +184,7 @@ class HyperpriorCoder(nn.Module):
 
     @torch.no_grad()
     def decompress(self, strings):
-        """B containers (bytes) of equal image size -> r^ (B, N, H/16, W/16), (H, W)."""
+        """B containers (bytes) of equal image size -> r^ (B, M, H/16, W/16), (H, W)."""
         model_id = self.model_id()
         fields = [unpack(s, model_id, self.M) for s in strings]  # header checks before any decoding
         sizes = {f["image_size"] for f in fields}
@@ -240,7 +240,7 @@ def check_codable(symbols, name):
     16 bits a symbol, plus for every nonzero one the escape code of a magnitude 2|s| (which
     bounds its distance to any table's edge, all tables containing 0)."""
     a = symbols.abs().flatten(1)
-    if a.max() <= 7 and 24 * a.shape[1] <= 32 * (a.shape[1] - 4):  # the usual case, 2-3 ms faster at
+    if a.max() <= 7 and 24 * a.shape[1] <= 32 * (a.shape[1] - 4):  # the usual case, ~2 ms sooner at
         return  # 2^17 symbols: |symbol| <= 7 takes at most 24 bits (below); NaN fails the comparison
     if not torch.isfinite(a).all() or a.max() > LATENT_LIMIT:
         raise ValueError(f"cannot code {name} up to {a.max().item():.3g} in magnitude (the coder takes up to "

@@ -313,7 +313,7 @@ def test_b_r_streams(coded, monkeypatch):
     k = entropy.r_streams(hp.M, (70, 99))  # 64 * 5 * 7 = 2240 symbols
     cut = model.compress(x)
     assert k == 5 and torch.equal(model.decompress(cut), one_stream)
-    with pytest.raises(ValueError, match="corrupted"):  # k follows from N and the size: not sent
+    with pytest.raises(ValueError, match="corrupted"):  # k follows from M and the size: not sent
         model.decompress(strings)
     mid = hp.model_id()
     f = entropy.unpack(cut[0], mid, hp.M)
