@@ -227,6 +227,14 @@ def r_streams(M, image_size):
     return -(-M * rh * rw // STREAM_SYMBOLS)
 
 
+def max_container_bytes(N, M):
+    """No container of an image of at most MAX_IMAGE_PIXELS = P pixels is longer: the encoder
+    writes at most 4 bytes a symbol (check_codable), a 1 x P image has the most latent
+    positions (ceil(P/16) of r^, ceil(P/64) of h^), and a header varint has at most 3 bytes."""
+    P = MAX_IMAGE_PIXELS
+    return 4 * (M * -(-P // 16) + N * -(-P // 64)) + 2 + 3 * (3 + r_streams(M, (1, P))) + 4
+
+
 # -----------------------------------------------------------------------------
 # rANS coding that no latent and no byte string can crash or hang
 

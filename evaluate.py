@@ -204,8 +204,7 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
                 raise ValueError(f"not a bitstream file of this split ({split}_NNNNN{SUFFIX})")
             if int(match[1]) >= len(dataset):
                 raise ValueError(f"the {split} split has no image {int(match[1])}")
-            # the encoder writes at most 32 bits a latent symbol: no container under the cap is larger
-            if os.path.getsize(path) > model.hyperprior.N * entropy.MAX_IMAGE_PIXELS // 32 + 1024:
+            if os.path.getsize(path) > entropy.max_container_bytes(model.hyperprior.N, model.hyperprior.M):
                 raise ValueError(f"{os.path.getsize(path)} bytes: larger than any bitstream of this model")
             with open(path, "rb") as f:
                 data = f.read()

@@ -839,10 +839,10 @@ def test_miou_known_value():
     assert np.isnan(per_class[2]) and miou == pytest.approx((1 / 2 + 2 / 3) / 2)
 
 
-def test_bitstreams_on_disk(ckpts, tmp_path):
+def test_bitstreams_on_disk(ckpts, tmp_path, monkeypatch):
     """The edge writes one file per image; the cloud decodes them to the in-process masks;
-    corrupt, foreign and misnamed files are refused by name and counted; evaluate.py exits
-    non-zero when no file decodes."""
+    corrupt, foreign, misnamed and oversized files are refused by name and counted;
+    evaluate.py exits non-zero when no file decodes."""
     model, ckpt = load_checkpoint(ckpts["jd"])
     ds, _ = val_dataset(ckpt["args"], limit=4)
     n, total = save_bitstreams(model, ds, str(tmp_path), "cpu")
@@ -864,6 +864,12 @@ def test_bitstreams_on_disk(ckpts, tmp_path):
     assert m["n_images"] == 2 and m["n_refused"] == 3
     assert {name for name, _ in m["refused"]} == {"val_00001.dssj", "val_00002.dssj", "notes.txt"}
     assert from_bitstreams(other, ds, str(tmp_path), "cpu")["n_images"] == 0  # another model's files
+    monkeypatch.setattr(entropy, "MAX_IMAGE_PIXELS", 16 * 16)  # 1x256: 16 positions of r^, 4 of h^
+    assert entropy.max_container_bytes(64, 64) == 4 * (64 * 16 + 64 * 4) + 2 + 3 * 4 + 4
+    cap = entropy.max_container_bytes(model.hyperprior.N, model.hyperprior.M)
+    (tmp_path / "val_00003.dssj").write_bytes(bytes(cap + 1))
+    refused = dict(from_bitstreams(model, ds, str(tmp_path), "cpu")["refused"])
+    assert "larger than any bitstream" in refused["val_00003.dssj"]  # refused before it is read
     proc = run_script("evaluate.py", "--ckpt", str(tmp_path.parent / "other.pt"), "--from-bitstreams",
                       str(tmp_path), check=False)
     assert proc.returncode != 0 and "error: no bitstream in" in proc.stdout  # none decodes: exit non-zero
