@@ -287,9 +287,15 @@ def rans_decode(entropy_model, strings, indexes, name):
     9 groups of 15 before a zero word ends it: 135 bypass reads, at most 21 words), and each
     word of payload can lengthen a count by at most 8 groups (at most 19 words more). So a
     string of n symbols gets 24 zero words a symbol and 20 a payload word: whatever the
-    decoder reads lies inside this buffer, which we own. Then the symbols must re-encode to
-    exactly the payload: truncated, shifted, extended or forged streams decode to something,
-    but never to symbols that re-encode to the same bytes."""
+    decoder reads lies inside this buffer, which we own. No encoder writes more than a word a
+    symbol (its buffer, see check_codable), so a longer payload is refused first, and the
+    buffer stays under 45 words a symbol whatever the string. Then the symbols must re-encode
+    to exactly the payload: truncated, shifted, extended or forged streams decode to
+    something, but never to symbols that re-encode to the same bytes."""
+    for s, i in zip(strings, indexes):
+        if len(s) > 4 * i.numel():
+            raise ValueError(f"payload {name} of {len(s)} bytes is longer than any rANS stream of {i.numel()} "
+                             "symbols (4 bytes a symbol): forged")
     tables = [coder_tables(entropy_model, i) for i in indexes]
     coder = entropy_model.entropy_coder
     decoded = []  # B lists of ints

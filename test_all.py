@@ -418,18 +418,23 @@ def test_bomb_refused_before_decoding(coded):
         entropy.MAX_IMAGE_PIXELS = limit
 
 
-def test_empty_payloads_refused(coded):
-    """A header with a valid check value and empty (or not whole-word) payloads is refused
-    before the C++ decoder could read past them."""
+def test_payload_lengths_refused(coded):
+    """A header with a valid check value and empty, not whole-word or overlong payloads is
+    refused before the C++ decoder could read past them (or their zero padding could grow
+    with them)."""
     model, x, strings = coded
     mid = model.hyperprior.model_id()
     f = entropy.unpack(strings[0], mid, model.hyperprior.M)
-    b_r = f["b_r"][0]
-    for b_h, b_r in [(b"", b""), (f["b_h"], b""), (b"", b_r), (f["b_h"], b_r[:-3])]:
+    r0 = f["b_r"][0]
+    for b_h, b_r in [(b"", b""), (f["b_h"], b""), (b"", r0), (f["b_h"], r0[:-3])]:
         s = entropy.pack(b_h, [b_r], (70, 99), mid)
         with pytest.raises(ValueError, match="cannot be an rANS stream"):
             model.decompress([s])
     assert len(entropy.pack(b"", [b""], (70, 99), mid)) == 9
+    n_h, n_r = 64 * 2 * 2, 64 * 5 * 7  # symbols of h^ and r^ at 70x99
+    for b_h, b_r in [(bytes(4 * n_h + 4), r0), (f["b_h"], r0 + bytes(4 * n_r + 4 - len(r0)))]:
+        with pytest.raises(ValueError, match="longer than any rANS stream"):
+            model.decompress([entropy.pack(b_h, [b_r], (70, 99), mid)])
 
 
 ENCODER_OVERFLOW = r"""
