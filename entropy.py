@@ -37,8 +37,9 @@ are version 3's with another format byte where k = 1). Strings of versions 1 and
 
 Every string is hostile until proven otherwise. Before any entropy decoding the header is
 checked (magic, version, sizes against MAX_IMAGE_PIXELS, the check value, payload lengths that
-rANS can have written: a multiple of 4 bytes, at least 8, at most 4 a symbol); decoding reads
-only inside a buffer we own (see rans_decode); and the decoded symbols must re-encode to exactly the payload. So a
+rANS can have written: a multiple of 4 bytes, at least 8); before each stream is decoded, its
+length (at most 4 bytes a symbol); decoding reads only inside a buffer we own (see
+rans_decode); and the decoded symbols must re-encode to exactly the payload. So a
 truncated, bit-flipped, foreign, forged or oversized string raises a ValueError that says
 which, within bounded time and memory, and is never decoded into garbage. The encoder refuses
 latents it cannot code exactly (an untrained or diverged model) with a ValueError too.
