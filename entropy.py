@@ -177,7 +177,7 @@ class HyperpriorCoder(nn.Module):
         indexes = self.scale_indexes(self._sigma_for_coding(h_hat, r.shape[-2:]))
         k = r_streams(self.M, image_size)
         b_r = []  # k lists of B strings
-        for symbols, i in zip(torch.round(r).flatten(1).tensor_split(k, 1), indexes.flatten(1).tensor_split(k, 1)):
+        for symbols, i in zip(r_split(torch.round(r), k), r_split(indexes, k)):
             check_codable(symbols, "r")
             b_r.append(rans_encode(gc, symbols, i))
         model_id = self.model_id()
@@ -202,7 +202,7 @@ class HyperpriorCoder(nn.Module):
         indexes = self.scale_indexes(self._sigma_for_coding(h_hat, latent_size(image_size))).cpu()
         k = len(fields[0]["b_r"])  # r_streams(M, image_size), as unpack parsed them
         r_hat = [rans_decode(gc, [f["b_r"][c] for f in fields], i, "b_r")  # stream by stream
-                 for c, i in enumerate(indexes.flatten(1).tensor_split(k, 1))]
+                 for c, i in enumerate(r_split(indexes, k))]
         return torch.cat(r_hat, 1).reshape(indexes.shape).to(device), image_size
 
     @staticmethod
@@ -226,6 +226,12 @@ def r_streams(M, image_size):
     """k, the number of rANS streams that carry the M x ceil(H/16) x ceil(W/16) symbols of b_r."""
     rh, rw = latent_size(image_size)
     return -(-M * rh * rw // STREAM_SYMBOLS)
+
+
+def r_split(t, k):
+    """r^'s symbols or CDF indexes (B, M, h, w) -> the k parts (B, n) that b_r's streams carry:
+    consecutive in (channel, row, column) order, as equal as possible. Edge and cloud both cut here."""
+    return t.flatten(1).tensor_split(k, 1)
 
 
 def max_container_bytes(N, M):
