@@ -738,6 +738,9 @@ def test_fast_cloud_equals_eval_forward(size):
         assert (model64.JD(r_hat, size) - fast64(r_hat, size)).abs().max() <= 1e-10
     ties = torch.randint(0, 3, (2, 5, 30, 40)).float()  # many exact ties: the first maximum wins in both
     assert torch.equal(masks(ties), ties.argmax(1))
+    odd = torch.randn(2, 5, 30, 40)  # a NaN logit (the pixel's class is the NaN's, as in max) and infinities
+    odd[0, 2, 3, 4], odd[1, :, 5, 6], odd[1, 3:, 7, 8] = float("nan"), float("-inf"), float("inf")
+    assert torch.equal(masks(odd), odd.max(1).indices) and torch.equal(masks(odd[:1, :, 4:]), odd[:1, :, 4:].argmax(1))
     up = interpolate(ties, (240, 320), mode="bilinear", align_corners=False)  # ties after upsampling too
     assert all(torch.equal(upsampled_masks(ties, (240, 320), rows), up.argmax(1)) for rows in (1, 4, 7, 30))
 
