@@ -282,6 +282,27 @@ def test_rans_bytes_are_compressais(coded):
         hp.gaussian_conditional.compress(r, indexes)
 
 
+@pytest.mark.parametrize("hd", ["jd", "codec"])
+def test_sigma_for_coding_is_hd_in_float64(hd):
+    """The coder's float64 HD (transposed convs on channels-last inputs, the 3x3 conv as 9 matrix
+    products, entropy.conv3x3_float64) is HD's plain float64 forward: within 1e-12, and the
+    float32 sigma that the scale indexes come from is the same, at sizes down to 1 x 1."""
+    from model import codec_HD
+    torch.manual_seed(0)
+    N, M, layers = (64, 64, HD(64)) if hd == "jd" else (16, 24, codec_HD(16, 24))
+    hp = HyperpriorCoder(layers, N, M)
+    weights = {n: t.double() for n, t in layers.state_dict().items()}
+    for size in [(16, 32), (3, 5), (1, 1)]:
+        h_hat = torch.round(3 * torch.randn(2, N, *size))
+        x = torch.randn(2, N, *size, dtype=torch.float64)
+        w, b = torch.randn(M, N, 3, 3, dtype=torch.float64), torch.randn(M, dtype=torch.float64)
+        with torch.no_grad():
+            assert (entropy.conv3x3_float64(x, w, b) - torch.conv2d(x, w, b, padding=1)).abs().max() <= 1e-12
+            plain = torch.func.functional_call(layers, weights, (h_hat.double(),))[..., : 4 * size[0] - 1, :]
+            sigma = hp._sigma_for_coding(h_hat, (4 * size[0] - 1, 4 * size[1]))  # cropped as r's size is
+        assert sigma.dtype == torch.float32 and torch.equal(sigma, plain.float())
+
+
 def test_header_v3(coded):
     """The version-3 header: format byte, model tag, H and W and len(b_h) as varints (b_r is
     one stream at this size), the check value; 9 or 10 bytes here; the latent sizes follow
