@@ -731,7 +731,7 @@ def test_deployed_checkpoint_decodes_same_bitstreams(tmp_path):
 @pytest.mark.parametrize("size", [(64, 96), (72, 104), (70, 99)])
 def test_fast_cloud_equals_eval_forward(size):
     """The deployed cloud's faster forwards (reparam.speed_up: pooled branch as a bias,
-    DWUpConv and classifier as one sub-pixel conv; masks via max, upsampled in strips) give
+    DWUpConv and classifier as one sub-pixel conv; masks via amax, upsampled in strips) give
     the masks of the plain eval forward of the K-branch model, from its forward and from the
     bytes (segment), with logits within 1e-4 (1e-10 in float64: the same function). Strips
     run where H = 8h (64, 72: h = 8, 9), one interpolation elsewhere (70)."""
