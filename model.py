@@ -431,25 +431,27 @@ DECODERS = ("jd", "ahuja", "none", "jsde", "codec", "inversion")
 def masks(logits):
     """The segmentation mask m (B, H, W): per pixel, the class of the largest logit of
     (B, S, H, W), the first one where several are equal: argmax(1). On the CPU, where argmax
-    and max(1).indices reduce over the strided class dimension slowly, as the class c whose
-    logit equals the maximum value with the largest S - c, each step a fast one (amax, a
-    comparison, a product of bytes): the same integers. 1024x2048, 19 classes, 2 threads,
-    strips of 64 rows: 31-38 vs 79-83 ms for max(1).indices, 450 for argmax."""
+    and max(1).indices reduce over the strided class dimension slowly, in fast steps with the
+    same integers: the maximum value (amax), which classes reach it (a byte each), and the
+    first of them, c, as S minus the largest S - c among them (a byte product and amax).
+    1024x2048, 19 classes, 2 threads, strips of 64 rows: 31-38 ms, max(1).indices 79-83, argmax 450."""
     S = logits.shape[1]
     if logits.device.type != "cpu" or S > 255:
         return logits.max(1).indices
     at_max = torch.ge(logits, logits.amax(1, keepdim=True)).view(torch.uint8)  # 1 where y_c is the max
-    m = S - at_max.mul_(torch.arange(S, 0, -1, dtype=torch.uint8).reshape(S, 1, 1)).amax(1).long()
-    return m if m.max() < S else logits.max(1).indices  # S: a NaN, equal to nothing; as max() has it
+    S_minus_c = torch.arange(S, 0, -1, dtype=torch.uint8).reshape(S, *[1] * (logits.dim() - 2))
+    m = S - at_max.mul_(S_minus_c).amax(1).long()
+    return m if (m < S).all() else logits.max(1).indices  # S: a NaN, equal to nothing; as max() has it
 
 
 def upsampled_masks(y, image_size, rows=8):
     """masks(interpolate(y, image_size, bilinear)) for logits y (B, S, h, w) at H/8: the same
     integers. On the CPU with H = 8h, in strips of `rows` rows of y, so that each strip's 8·rows
     upsampled rows are reduced to classes while they are still in the cache (1024x2048, 19
-    classes, 2 threads: 101-111 vs 158-194 ms). Each strip takes one more row of y above and below: output row
-    i's source row (i + 1/2)/8 - 1/2 is exact in float, so within the strip every kept row
-    blends the same rows with the same weights as in the whole image. Otherwise one call."""
+    classes, 2 threads: 101-111 vs 158-194 ms). Each strip takes one more row of y above and
+    below: output row i's source row (i + 1/2)/8 - 1/2 is exact in float, so within the strip
+    every kept row blends the same rows with the same weights as in the whole image. Otherwise
+    one call."""
     H, W = image_size
     h = y.shape[-2]
     if y.device.type != "cpu" or H != 8 * h:
