@@ -20,39 +20,24 @@ One image becomes one self-describing byte string (the "container", format versi
                   and HD's weights, so a string is accepted only by the model that wrote it.
     .       ...   b_h, then the k streams of b_r (the last is the rest of the string)
 
-b_r is coded as k = ceil(M h w / STREAM_SYMBOLS) rANS streams of consecutive symbols of r^ (M
-channels of h x w) in (channel, row, column) order, as equal as possible: one stream up to
-2^17 symbols (all images up to 512x1024 at M = 64), four at 1024x2048. This keeps the buffer
-that rans_decode decodes each stream from (the payload and the zero words that a hostile
-stream may read past it) near 13 MB: as one stream, a 1024x2048 image needed 50 MB, allocated
-twice, whose page faults cost 60-75 ms per image (docs/experiments.md, "The cloud benchmark").
-
-At 128x256 with b_h under 128 bytes the header is 11 bytes (0.0027 bpp; 1024x2048: 18-19 with
-the three stream lengths). What the model and the image size determine is not sent: the
-channels (N of h^, M of r^), r^'s size ceil(H/16) x ceil(W/16) (output stride 8 of E, stride 2
-of SE), h^'s size ceil(H/64) x ceil(W/64) and k. Version 1 had a 35-byte header (0.0085 bpp
-at 128x256, 12 % of the default run's rate); version 2 sent b_r as one stream (its strings
-are version 3's with another format byte where k = 1). Strings of versions 1 and 2, and of a
-14-byte draft of version 2 (b"DJ\x02"), are refused with a message that says to re-encode.
+b_r is k = ceil(M h w / STREAM_SYMBOLS) rANS streams of consecutive symbols of r^ (M channels
+of h x w, in (channel, row, column) order): one up to 512x1024 at M = 64, four at 1024x2048,
+so that the buffer each stream decodes from stays small. What the model and the image size
+determine is not sent: the channels, r^'s size ceil(H/16) x ceil(W/16), h^'s ceil(H/64) x
+ceil(W/64), and k. At 128x256 the header is 11 bytes (0.0027 bpp).
 
 Every string is hostile until proven otherwise. Before any entropy decoding the header is
 checked (magic, version, sizes against MAX_IMAGE_PIXELS, the check value, payload lengths that
-rANS can have written: a multiple of 4 bytes, at least 8); before each stream is decoded, its
-length (at most 4 bytes a symbol); decoding reads only inside a buffer we own (see
-rans_decode); and the decoded symbols must re-encode to exactly the payload. So a
-truncated, bit-flipped, foreign, forged or oversized string raises a ValueError that says
-which, within bounded time and memory, and is never decoded into garbage. The encoder refuses
-latents it cannot code exactly (an untrained or diverged model) with a ValueError too.
-
-Used by model.py (the edge's compress, the cloud's decompress) and train.py (Eq. (1), the
-main/aux optimizer split).
+rANS can have written); decoding reads only inside a buffer we own (rans_decode); and the
+decoded symbols must re-encode to exactly the payload. So a truncated, bit-flipped, foreign or
+oversized string raises a ValueError that says which, in bounded time and memory. The encoder
+refuses latents it cannot code exactly (an untrained or diverged model) with a ValueError too.
 """
 import math
 import struct
 import warnings
 import zlib
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -67,8 +52,6 @@ VERSION = 3
 STREAM_SYMBOLS = 2**17  # b_r is cut into rANS streams of at most this many symbols (docstring)
 MAX_IMAGE_PIXELS = 2048 * 4096  # a string declaring a larger image is refused (as Pillow's cap);
 #                                  4x a Cityscapes frame; evaluate.py --max-image-pixels sets it
-LATENT_LIMIT = 2**20  # |symbol| beyond this is refused: CompressAI's escape coding of a value
-#                       needs n_bypass * 4 < 32 bits, or its encoder loops forever
 
 
 def bits_per_pixel(likelihoods, num_pixels):
@@ -153,22 +136,13 @@ class HyperpriorCoder(nn.Module):
         gc = self.gaussian_conditional
         return torch.bucketize(gc.lower_bound_scale(sigma), gc.scale_table[:-1].to(sigma)).int()
 
-    def _sigma_for_coding(self, h_hat, size):
-        # Encoder and decoder must compute bit-identical scale indexes, or b_r decodes into
-        # garbage. Different hardware or thread counts change float32 convolutions in the last
-        # bits, so both ends run HD on the CPU in float64 and only then round to float32.
-        # PyTorch's float64 convs are slow: the transposed ones run faster on a channels-last
-        # input, the 3x3 one as conv3x3_float64 (HD at 1024x2048: 51 -> 34 ms, the same sigma).
-        y = h_hat.detach().cpu().double()
-        for layer in self.HD:  # a Sequential: ConvTranspose2d, ReLU, ..., Conv2d 3x3; y ends as sigma
-            weights = {n: t.detach().cpu().double() for n, t in layer.state_dict().items()}
-            if isinstance(layer, nn.Conv2d) and is_plain_3x3(layer):
-                y = conv3x3_float64(y, weights["weight"], weights["bias"])
-            else:
-                if isinstance(layer, nn.ConvTranspose2d):
-                    y = y.contiguous(memory_format=torch.channels_last)
-                y = torch.func.functional_call(layer, weights, (y,))
-        return y[..., : size[0], : size[1]].float().contiguous().to(h_hat.device)
+    def sigma_for_coding(self, h_hat, size):
+        """sigma = HD(h^), cropped to r's size, as both ends compute it. They must agree to the
+        bit, or b_r decodes into garbage; other hardware or thread counts change float32 convs
+        in the last bits, so HD runs on the CPU in float64 and is only then rounded to float32."""
+        weights = {n: t.detach().cpu().double() for n, t in self.HD.state_dict().items()}
+        sigma = torch.func.functional_call(self.HD, weights, (h_hat.detach().cpu().double(),))
+        return sigma[..., : size[0], : size[1]].float().contiguous().to(h_hat.device)
 
     @torch.no_grad()
     def compress(self, r, h, image_size):
@@ -180,14 +154,14 @@ class HyperpriorCoder(nn.Module):
         eb, gc = self.entropy_bottleneck, self.gaussian_conditional
         medians = eb._get_medians().detach().reshape(1, -1, 1, 1)
         symbols_h = torch.round(h - medians)  # CompressAI's "symbols" quantization of h
-        check_codable(symbols_h, "h - median")
+        guard().check_codable(symbols_h, "h - median")
         b_h = rans_encode(eb, symbols_h, self._channel_indexes(h))
         h_hat = symbols_h + medians  # what the cloud decodes
-        indexes = self.scale_indexes(self._sigma_for_coding(h_hat, r.shape[-2:]))
+        indexes = self.scale_indexes(self.sigma_for_coding(h_hat, r.shape[-2:]))
         k = r_streams(self.M, image_size)
         b_r = []  # k lists of B strings
         for symbols, i in zip(r_split(torch.round(r), k), r_split(indexes, k)):
-            check_codable(symbols, "r")
+            guard().check_codable(symbols, "r")
             b_r.append(rans_encode(gc, symbols, i))
         model_id = self.model_id()
         return [pack(s_h, list(s_r), image_size, model_id) for s_h, *s_r in zip(b_h, *b_r)]
@@ -206,11 +180,11 @@ class HyperpriorCoder(nn.Module):
         eb, gc = self.entropy_bottleneck, self.gaussian_conditional
         medians = eb._get_medians().detach().reshape(1, -1, 1, 1).cpu()
         indexes = self._channel_indexes(torch.empty(len(fields), self.N, *hyper_size(image_size)))
-        symbols_h = rans_decode(eb, [f["b_h"] for f in fields], indexes, "b_h")
+        symbols_h = guard().rans_decode(eb, [f["b_h"] for f in fields], indexes, "b_h")
         h_hat = (symbols_h + medians).to(device)  # on the model's device, as in compress
-        indexes = self.scale_indexes(self._sigma_for_coding(h_hat, latent_size(image_size))).cpu()
+        indexes = self.scale_indexes(self.sigma_for_coding(h_hat, latent_size(image_size))).cpu()
         k = len(fields[0]["b_r"])  # r_streams(M, image_size), as unpack parsed them
-        r_hat = [rans_decode(gc, [f["b_r"][c] for f in fields], i, "b_r")  # stream by stream
+        r_hat = [guard().rans_decode(gc, [f["b_r"][c] for f in fields], i, "b_r")  # stream by stream
                  for c, i in enumerate(r_split(indexes, k))]
         return torch.cat(r_hat, 1).reshape(indexes.shape).to(device), image_size
 
@@ -218,29 +192,6 @@ class HyperpriorCoder(nn.Module):
     def _channel_indexes(h):
         """The EntropyBottleneck's CDF index of each element of h: its channel."""
         return torch.arange(h.shape[1]).reshape(1, -1, 1, 1).expand(h.shape)
-
-
-def is_plain_3x3(conv):
-    """A Conv2d that conv3x3_float64 computes: 3x3, stride 1, padding 1, no dilation or groups, a bias."""
-    return (conv.kernel_size, conv.stride, conv.padding, conv.dilation, conv.groups, conv.bias is not None) == \
-        ((3, 3), (1, 1), (1, 1), (1, 1), 1, True)
-
-
-def conv3x3_float64(x, weight, bias):
-    """conv2d(x, weight, bias, padding=1) for float64 (B, C, H, W) as 9 matrix products on the
-    zero-padded map flattened row by row: output pixel (i, j) sits at flat index i(W+2) + j, and
-    its tap (dy, dx) at dy(W+2) + dx further on, so each tap is one weight matrix times a shifted
-    view. The 2 padding columns of each row are computed too and cut. No im2col copy: 18 vs 33
-    ms at 64 x 64 x 128 for PyTorch's float64 conv (which copies), sums within 3e-13 of it."""
-    B, C, H, W = x.shape
-    flat = torch.nn.functional.pad(x, [1, 1, 1, 1]).flatten(2)  # (B, C, (H+2)(W+2))
-    L = (H - 1) * (W + 2) + W  # flat indexes 0 .. L-1 hold every output pixel
-    y = bias[None, :, None].repeat(B, 1, L)
-    for dy in range(3):
-        for dx in range(3):
-            start = dy * (W + 2) + dx
-            y += weight[:, :, dy, dx] @ flat[:, :, start: start + L]
-    return torch.nn.functional.pad(y, [0, 2]).reshape(B, -1, H, W + 2)[..., :W]
 
 
 def latent_size(image_size):
@@ -266,37 +217,16 @@ def r_split(t, k):
     return t.flatten(1).tensor_split(k, 1)
 
 
-def max_container_bytes(N, M):
-    """No container of an image of at most MAX_IMAGE_PIXELS = P pixels is longer: the encoder
-    writes at most 4 bytes a symbol (check_codable), a 1 x P image has the most latent
-    positions (ceil(P/16) of r^, ceil(P/64) of h^), and a header varint has at most 3 bytes."""
-    P = MAX_IMAGE_PIXELS
-    return 4 * (M * -(-P // 16) + N * -(-P // 64)) + 2 + 3 * (3 + r_streams(M, (1, P))) + 4
-
-
 # -----------------------------------------------------------------------------
-# rANS coding that no latent and no byte string can crash or hang
+# rANS coding, through CompressAI's C++ coder
 
 
-def check_codable(symbols, name):
-    """Refuse symbols that CompressAI's rANS encoder cannot code exactly. A value outside a
-    CDF table is escape-coded: a 16-bit escape symbol, then its magnitude in 4-bit groups;
-    magnitudes of 2^28 or more make the encoder loop forever, and the encoder writes into a
-    buffer of one 32-bit word per symbol, which escape-heavy latents overrun. So every |symbol|
-    must be <= LATENT_LIMIT, and an upper bound of the coded size must fit the buffer:
-    16 bits a symbol, plus for every nonzero one the escape code of a magnitude 2|s| (which
-    bounds its distance to any table's edge, all tables containing 0)."""
-    a = symbols.abs().flatten(1)
-    if a.max() <= 7 and 24 * a.shape[1] <= 32 * (a.shape[1] - 4):  # the usual case, ~2 ms sooner at
-        return  # 2^17 symbols: |symbol| <= 7 takes at most 24 bits (below); NaN fails the comparison
-    if not torch.isfinite(a).all() or a.max() > LATENT_LIMIT:
-        raise ValueError(f"cannot code {name} up to {a.max().item():.3g} in magnitude (the coder takes up to "
-                         f"{LATENT_LIMIT}): the model is untrained or diverged")
-    nibbles = torch.ceil(torch.log2(2 * a + 1) / 4).clamp(min=1)  # 4-bit groups of the magnitude
-    bits = 16 + (a > 0) * 4 * (nibbles + 1 + nibbles // 15)  # + the groups' count, 15 per nibble
-    if (bits.sum(1) > 32 * (a.shape[1] - 4)).any():  # the encoder's buffer, less its state's 64+ bits
-        raise ValueError(f"cannot code {name}: {a.mean().item():.3g} in magnitude on average would overrun "
-                         "the rANS encoder's buffer: the model is untrained or diverged")
+def guard():
+    """The hostile-input checks (extras/bitstream_guard.py): the encoder takes only latents it can
+    code, and every string is decoded or refused with a ValueError in bounded time and memory.
+    The one import of extras/ in this file, made when bits are coded."""
+    import extras.bitstream_guard
+    return extras.bitstream_guard
 
 
 def coder_tables(entropy_model, indexes):
@@ -315,42 +245,6 @@ def rans_encode(entropy_model, symbols, indexes):
     EntropyModel.compress writes them (the same coder, the same rows of the same tables)."""
     return [entropy_model.entropy_coder.encode_with_indexes(s.flatten().int().tolist(), *coder_tables(entropy_model, i))
             for s, i in zip(symbols, indexes)]
-
-
-def rans_decode(entropy_model, strings, indexes, name):
-    """B rANS byte strings -> integer symbols shaped like `indexes` (B, ...), for strings
-    that may be hostile. CompressAI's C++ decoder has no bounds checks: it reads two 32-bit
-    words to start, at most one a symbol, and for an escape code at most one per 7 bypass
-    reads of 4 bits, whose count the stream itself declares. Past the end of the payload we
-    give it zero words: there an escape's count can only come from the 64-bit state (at most
-    9 groups of 15 before a zero word ends it: 135 bypass reads, at most 21 words), and each
-    word of payload can lengthen a count by at most 8 groups (at most 19 words more). So a
-    string of n symbols gets 24 zero words a symbol and 20 a payload word: whatever the
-    decoder reads lies inside this buffer, which we own. No encoder writes more than a word a
-    symbol (its buffer, see check_codable), so a longer payload is refused first, and the
-    buffer stays under 45 words a symbol whatever the string. Then the symbols must re-encode
-    to exactly the payload: truncated, shifted, extended or forged streams decode to
-    something, but never to symbols that re-encode to the same bytes."""
-    for s, i in zip(strings, indexes):
-        if len(s) > 4 * i.numel():
-            raise ValueError(f"payload {name} of {len(s)} bytes is longer than any rANS stream of {i.numel()} "
-                             "symbols (4 bytes a symbol): forged")
-    tables = [coder_tables(entropy_model, i) for i in indexes]
-    coder = entropy_model.entropy_coder
-    decoded = []  # B lists of ints
-    for s, i, t in zip(strings, indexes, tables):
-        zero_words = 8 + 24 * i.numel() + 20 * (len(s) // 4)
-        decoded.append(coder.decode_with_indexes(s.ljust(len(s) + 4 * zero_words, b"\0"), *t))
-    symbols = torch.from_numpy(np.array(decoded, dtype=np.int32)).reshape(indexes.shape).float()
-    try:  # first the range, so that re-encoding a hostile stream's symbols cannot hang or overrun
-        check_codable(symbols, name)
-    except ValueError:
-        raise ValueError(f"payload {name} decodes to values no encoder of this model writes: "
-                         "a forged or damaged bitstream") from None
-    if [coder.encode_with_indexes(d, *t) for d, t in zip(decoded, tables)] != list(strings):
-        raise ValueError(f"payload {name} is not a whole rANS stream of this model (its symbols re-encode "
-                         "to other bytes): truncated, shifted or forged")
-    return symbols
 
 
 # -----------------------------------------------------------------------------
@@ -399,16 +293,12 @@ def unpack(data, model_id, M):
     if not isinstance(data, (bytes, bytearray)):
         raise ValueError(f"expected bytes, got {type(data).__name__}")
     data = bytes(data)
-    if data[:4] == b"DSSJ" or data[:3] == b"DJ\x02":
-        raise ValueError("an older bitstream format (version 1, or the 14-byte draft of version 2); this "
-                         f"decoder reads version {VERSION}: re-encode the images (evaluate.py --save-bitstreams)")
     if len(data) < 2:
         raise ValueError(f"truncated bitstream: {len(data)} bytes")
     if data[0] & 0xF0 != MAGIC:
         raise ValueError(f"not a DSSJ bitstream (format byte {data[0]:#04x}, expected {MAGIC | VERSION:#04x})")
     if data[0] & 0x0F != VERSION:
-        again = ": re-encode the images (evaluate.py --save-bitstreams)" if data[0] & 0x0F < VERSION else ""
-        raise ValueError(f"bitstream format version {data[0] & 0x0F}; this decoder reads version {VERSION}{again}")
+        raise ValueError(f"bitstream format version {data[0] & 0x0F}; this decoder reads version {VERSION}")
     tag = data[1]
     H, pos = read_varint(data, 2, "the image height")
     W, pos = read_varint(data, pos, "the image width")
@@ -436,7 +326,5 @@ def unpack(data, model_id, M):
         start += n
     streams.append(payload[start:])  # the last b_r stream: the rest
     for name, b in zip(["b_h"] + ["b_r"] * (len(streams) - 1), streams):
-        if len(b) < 8 or len(b) % 4:
-            raise ValueError(f"payload {name} of {len(b)} bytes cannot be an rANS stream (whole 32-bit "
-                             "words, at least 8 bytes): truncated or forged")
+        guard().check_payload_length(name, b)
     return {"image_size": (H, W), "b_h": streams[0], "b_r": streams[1:]}

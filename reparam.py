@@ -11,10 +11,8 @@ s = sqrt(var + eps). A sum of convolutions over the same input with the same str
 padding is one convolution with the summed kernels; a 1x1 kernel is a 3x3 kernel with zeros
 around its centre tap, and dilation leaves the centre tap where it is.
 
-speed_up then gives the deployed JD two faster forwards of the same function (same
-parameters, same state dict; only the order of float operations differs): the image-pooling
-branch as a bias of ASPP's projection and the projection without the concatenation, in
-channels-last layout, and DWUpConv with the 1x1 classifier as one sub-pixel conv.
+A deployed checkpoint runs JD's own forward (Fig. 3). Faster forwards of the same function,
+for the cloud benchmark, are in extras/fast_cloud.py and run only when asked for.
 """
 import argparse
 import copy
@@ -22,10 +20,9 @@ import sys
 
 import torch
 import torch.nn as nn
-from torch.nn.functional import adaptive_avg_pool2d, conv2d, interpolate, pad, pixel_shuffle, relu_
 
 from data import val_dataset
-from model import ASPP, JD, SubBlock, crop_to_z, load_checkpoint, save_checkpoint
+from model import SubBlock, load_checkpoint, save_checkpoint
 
 
 def fuse_conv_bn(conv, bn):
@@ -48,89 +45,6 @@ def equivalent_kernel_bias(block: SubBlock):
             k = pad_1x1_to_3x3(k)
         kernel, bias = kernel + k, bias + b
     return kernel, bias
-
-
-# -----------------------------------------------------------------------------
-# the deployed cloud's faster forwards: the same sums in another order (logits within ~1e-5,
-# masks equal in the tests). Each class only replaces forward, so the state dict, the
-# checkpoints and JD.forward (Fig. 3) stay as they are; the folded kernels are recomputed from
-# the unchanged parameters at every call (well under 1 ms). Measured in evaluate.py --benchmark.
-
-
-class PooledBiasASPP(ASPP):
-    """ASPP whose image-pooling branch enters the 1x1 projection as a per-image bias, and
-    whose projection is a sum of matrix products. The pooled branch is constant over the map
-    (Fig. 3's UpSampling of a 1x1 map), so its F of the 5F projected channels contribute
-    W_pool @ pooled at every position: a bias, without building the broadcast map. The 1x1
-    projection of the concatenation [b_0, ..., b_3] is sum_k W_k b_k: each branch's product
-    accumulates into y, so the (B, 4F, h, w) concatenation is never built. The branches run
-    channels-last (memory (B, h, w, C)), where oneDNN's convs are faster and each b_k is a
-    (h*w, F) matrix as it stands (1024x2048: this ASPP 256-285 ms, the concatenating one 361-381).
-    The projection's BN is folded in too (eval mode: an affine map per channel)."""
-
-    def forward(self, x):
-        kernel, bias = fuse_conv_bn(self.project[0], self.project[1])  # (F, 5F, 1, 1), (F,)
-        assert kernel.shape[-1] == 1, "JD projects with a 1x1 conv"
-        F, (B, _, h, w) = kernel.shape[0], x.shape
-        pooled = self.pool(adaptive_avg_pool2d(x, 1))[:, :, 0, 0]  # (B, F)
-        bias = bias + pooled @ kernel[:, -F:, 0, 0].T  # (B, F): the pooled branch's share
-        x = x.contiguous(memory_format=torch.channels_last)
-        y = bias[:, None, :].expand(B, h * w, F).contiguous()  # (B, h*w, F)
-        for k, branch in enumerate([self.b0, *self.dilated]):  # y += b_k(x) W_k^T, k = 0..3
-            b_k = relu_(branch.branches[0](x)).permute(0, 2, 3, 1).reshape(B, h * w, F)  # deployed: one conv
-            y.baddbmm_(b_k, kernel[:, k * F:(k + 1) * F, 0, 0].T.expand(B, F, F))  # b_k: a view, channels-last
-        return relu_(y).reshape(B, h, w, F).permute(0, 3, 1, 2)  # (B, F, h, w), channels-last; no Dropout in eval
-
-
-def dwupconv_phase_kernel(up):
-    """DWUpConv (transposed 3x3 conv, stride 2, padding 1, output_padding 1, G groups) as a
-    2x2 grouped conv to the 4 output phases, to be followed by pixel shuffle [Shi et al. 2016]:
-    output pixel (2i+a, 2j+b) sums kernel taps from input row i (tap 1 if a = 0, else tap 2)
-    and row i+1 (tap 0, only if a = 1); the same for columns. Returns (G, Cout/G, 4, Cin/G,
-    2, 2): for each output channel its 4 phases (a, b) = (0,0), (0,1), (1,0), (1,1)."""
-    assert up.kernel_size == (3, 3) and up.stride == (2, 2) and up.padding == (1, 1) and up.output_padding == (1, 1)
-    G, cin_g = up.groups, up.in_channels // up.groups
-    w = up.weight.reshape(G, cin_g, -1, 3, 3).transpose(1, 2)  # (G, Cout/G, Cin/G, 3, 3)
-    taps = ({0: 1}, {0: 2, 1: 0})  # phase -> {input offset: kernel tap}
-    k = w.new_zeros(G, w.shape[1], 2, 2, cin_g, 2, 2)
-    for a in (0, 1):
-        for b in (0, 1):
-            for di, ki in taps[a].items():
-                for dj, kj in taps[b].items():
-                    k[:, :, a, b, :, di, dj] = w[..., ki, kj]
-    return k.reshape(G, w.shape[1], 4, cin_g, 2, 2)
-
-
-class FoldedTailJD(JD):
-    """JD whose DWUpConv and 1x1 classifier run as one dense sub-pixel conv. Nothing
-    nonlinear lies between them in Fig. 3, so classifier o DWUpConv is one transposed conv
-    from F to S channels: on the 4 output phases, kernel[s, phase] = sum_c W_cls[s, c] *
-    kernel_up[c, phase]. That replaces a grouped transposed conv, which PyTorch runs at under
-    2 GMAC/s on CPU, and its (B, F, H/8, W/8) output by a dense conv to 4S channels. conv3's
-    BN is folded into its conv (eval mode: an affine map per channel)."""
-
-    def forward(self, r_hat, image_size, upsample=True):
-        k3, b3 = fuse_conv_bn(self.conv3[0], self.conv3[1])  # conv3 = conv, BN, ReLU
-        y = relu_(conv2d(self.aspp(r_hat), k3, b3, padding=self.conv3[0].padding))  # (B, F, H/16, W/16)
-        G = self.up.groups
-        k_up = dwupconv_phase_kernel(self.up)  # (G, F/G, 4, F/G, 2, 2)
-        w_cls = self.classifier.weight[:, :, 0, 0]  # (S, F)
-        kernel = torch.einsum("sgo,gopikl->spgikl", w_cls.reshape(-1, G, k_up.shape[1]), k_up)
-        kernel = kernel.reshape(-1, self.up.in_channels, 2, 2)  # (4S, F, 2, 2), channel 4s + phase
-        bias = (w_cls @ self.up.bias + self.classifier.bias).repeat_interleave(4)
-        y = pixel_shuffle(conv2d(pad(y, [0, 1, 0, 1]), kernel, bias), 2)  # row/col i+1 past the end: 0
-        y = crop_to_z(y, image_size).contiguous()  # (B, S, H/8, W/8)
-        return interpolate(y, image_size, mode="bilinear", align_corners=False) if upsample else y
-
-
-def speed_up(model):
-    """Give a deployed JD model the faster forwards above (in place; returns the model). The
-    classes change, the modules and parameters do not: the same state dict, checkpoint and
-    bitstreams. evaluate.py applies it to the benchmark and to deployed checkpoints."""
-    if model.decoder == "jd" and is_deployed(model.JD):
-        model.JD.__class__ = FoldedTailJD
-        model.JD.aspp.__class__ = PooledBiasASPP
-    return model
 
 
 def is_deployed(model):
@@ -182,13 +96,11 @@ def main():
     x = torch.stack([val[i][0] for i in range(len(val))])
     with torch.no_grad():
         diff = (model(x)["logits"] - deployed(x)["logits"]).abs().max().item()
-        diff_fast = (model(x)["logits"] - speed_up(copy.deepcopy(deployed))(x)["logits"]).abs().max().item()
     print(f"{'':24s} {'training time (K=' + str(cfg['K']) + ')':>22s} {'deployed':>12s}")
     print(f"{'cloud params (JD + HD)':24s} {cloud_params(model):22,d} {cloud_params(deployed):12,d}")
     print(f"{'whole model params':24s} {sum(p.numel() for p in model.parameters()):22,d} "
           f"{sum(p.numel() for p in deployed.parameters()):12,d}")
-    print(f"max |logits difference| on {len(x)} val images, eval mode, float32: {diff:.2e} "
-          f"({diff_fast:.2e} with speed_up's forwards)")
+    print(f"max |logits difference| on {len(x)} val images, eval mode, float32: {diff:.2e}")
     save_checkpoint({"model": deployed.state_dict(), "args": {**cfg, "deployed": True},
                      "iter_num": ckpt.get("iter_num")}, args.out)
     print(f"wrote {args.out}")

@@ -34,9 +34,8 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from data import DATASETS, PRESETS, get_dataset, preset
 from entropy import bits_per_pixel, split_parameters
-from evaluate import IMAGE_CODECS, code_images, evaluate, image_codec_format, image_mse, quality, use_learned_codecs
-from model import (DECODERS, MODEL_KEYS, PRETRAINED, build_model, load_codec_weights, load_deeplab_head,
-                   load_encoder_weights, pretrained_file, read_checkpoint, save_checkpoint)
+from evaluate import evaluate, quality
+from model import DECODERS, MODEL_KEYS, build_model, read_checkpoint, save_checkpoint
 
 if hasattr(sys.stdout, "reconfigure"):
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also through a pipe
@@ -81,20 +80,21 @@ flag("--K", "JD's over-parameterization repetitions, 0 = plain ASPP (Fig. 4)", t
 flag("--F", "ASPP width (JD and D)", type=int)
 flag("--dilations", "JD's ASPP dilations", type=int, nargs=3)
 flag("--head", "DeepLabv3 head D of the baselines", choices=["torchvision", "mmseg"])
-flag("--codec-N", "the image codec's (codec, jsde) hyper-latent channels N", type=int)
-flag("--codec-M", "the image codec's (codec, jsde) latent channels M", type=int)
-flag("--codec-weights", "jsde: the image codec's start, a train.py --decoder codec checkpoint or a CompressAI "
-     "ScaleHyperprior state dict (default: out/<dataset>_codec/ckpt.pt if it exists, else random weights)")
 flag("--encoder-weights", "E's start (jsde: its ResNet stages'): imagenet or deeplabv3-coco (torchvision's weights, downloaded once into "
      "$TORCH_HOME/hub/checkpoints), none (random), or a local ResNet / DeepLabv3 state dict or train.py checkpoint "
      "(with --decoder none, a file's DeepLabv3 head is loaded into D too)")
 flag("--edge-from", "train only the cloud decoder, on the frozen edge (E, SE, entropy models, HD) of this "
      "jd/ahuja checkpoint: the same bitstreams, another decoder")
-flag("--image-codec", "No Compression only: train on images coded and decoded by this codec, each at a "
-     "random quality of its sweep (Fig. 1a's fine-tuning; start from a trained model: --encoder-weights CKPT)",
-     choices=list(IMAGE_CODECS))
+# the systems beyond the method (extras/): Fig. 1a's pipelines and learned codec, Fig. 1b's JSDE
+flag("--image-codec", "No Compression only: train on images coded and decoded by this codec (jpeg, webp, avif, "
+     "hevc, learned), each at a random quality of its sweep (Fig. 1a's fine-tuning; start from a trained "
+     "model: --encoder-weights CKPT)")
 flag("--learned-codec", "with --image-codec learned: the project's codecs (train.py --decoder codec checkpoints, "
      "one per rate) instead of CompressAI's pretrained ones", nargs="+")
+flag("--codec-N", "the image codec's (codec, jsde) hyper-latent channels N", type=int)
+flag("--codec-M", "the image codec's (codec, jsde) latent channels M", type=int)
+flag("--codec-weights", "jsde: the image codec's start, a train.py --decoder codec checkpoint or a CompressAI "
+     "ScaleHyperprior state dict (default: out/<dataset>_codec/ckpt.pt if it exists, else random weights)")
 # rate
 flag("--alpha", "RD trade-off of Eq. (3), in (0, 1]; higher = more bits", type=float)
 # optim
@@ -136,7 +136,6 @@ else:
 args = argparse.Namespace(**config)
 if "out_dir" not in cli and "resume" not in cli and args.decoder in ("jsde", "codec", "inversion"):
     args.out_dir = f"{preset(args.dataset)['out_dir']}_{args.decoder}"  # out/synthetic_codec, where jsde looks
-FEATURES, IMAGE_CODEC = ("jd", "ahuja", "inversion"), ("jsde", "codec")  # the two kinds of edge
 if args.decoder == "codec" and "alpha" not in cli and "resume" not in cli:
     args.alpha = 0.01  # the presets' alpha weighs a CE; for 255^2 * MSE, CompressAI's lambda ~ 0.0067-0.013
 if "resume" in cli and "edge_from" in cli:
@@ -165,10 +164,11 @@ for bad, message in [  # user errors: one line each, before anything is built
     if bad:
         sys.exit(message)
 if args.image_codec:
+    from extras import image_codecs  # Fig. 1a: fine-tuning on decoded images
     try:
         if args.learned_codec:
-            use_learned_codecs(args.learned_codec)
-        image_codec_format(args.image_codec)  # HEVC's optional package: one line if it is missing
+            image_codecs.use_learned_codecs(args.learned_codec)
+        image_codecs.image_codec_format(args.image_codec)  # unknown, or HEVC's package missing: one line
     except ValueError as e:
         sys.exit(f"--image-codec: {e}")
 if print_config:
@@ -236,65 +236,36 @@ def train_batches(start_iter):
 
 torch.manual_seed(args.seed)
 model = build_model(vars(args))
-if args.decoder == "jsde" and not args.resume and not args.edge_from:  # Sec. 4.2: JSDE starts from a trained codec
-    found = os.path.join(f"{preset(args.dataset)['out_dir']}_codec", "ckpt.pt")
-    path = args.codec_weights or (found if os.path.isfile(found) else None)
-    if path:
-        try:
-            load_codec_weights(model, path)
-        except (ValueError, FileNotFoundError) as e:
-            sys.exit(f"--codec-weights: {e}")
-    if master:
-        print(f"the image codec (g_a, h_a, h_s, entropy models) from {path}" if path else
-              f"the image codec starts from random weights: no --codec-weights, no {found} "
-              "(train one: python train.py --decoder codec)")
-if not args.resume and not args.edge_from and args.encoder_weights != "none" and args.decoder != "codec":
-    try:
-        named = (args.encoder_weights, args.encoder) in PRETRAINED  # torchvision's, or a file
-        path = pretrained_file(args.encoder_weights, args.encoder) if named else args.encoder_weights
-        # E, or for JSDE the ResNet stages that take y^ in place of conv1 (a state dict's layer1-4)
-        ignored = load_encoder_weights(model.JSDE.layers if args.decoder == "jsde" else model.E, path)
-        # No Compression takes the file's head too: torchvision's DeepLabv3 as it is (the paper's
-        # COCO No Compression model), or a trained one to fine-tune on decoded images
-        whole = args.decoder == "none" and load_deeplab_head(model.D, path)
-        if whole and args.encoder_weights == "deeplabv3-coco":
-            ignored = ["aux_classifier.*"]
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"--encoder-weights: {e}")
-    if master:
-        print(f"{'E and D' if whole else 'JSDE stages' if args.decoder == 'jsde' else 'E'} initialized from {path}; keys not used: "
-              f"{', '.join(ignored[:4]) or 'none'}" + (f" and {len(ignored) - 4} more" if len(ignored) > 4 else ""))
-elif not args.resume and not args.edge_from and master and args.dataset != "synthetic" and args.decoder != "codec":
-    print("E starts from random weights (--encoder-weights none): far from the paper's pretrained E")
+try:
+    if args.decoder == "jsde" and not args.resume and not args.edge_from:  # Sec. 4.2: from a trained codec
+        from extras.jsde import start_from_codec
+        message = start_from_codec(model, args, f"{preset(args.dataset)['out_dir']}_codec")
+        if master:
+            print(message)
+    if not args.resume and not args.edge_from and args.encoder_weights != "none" and args.decoder != "codec":
+        from extras.weights import init_encoder  # torchvision's weights, or a file
+        message = init_encoder(model, args)
+        if master:
+            print(message)
+    elif not args.resume and not args.edge_from and master and args.dataset != "synthetic" and args.decoder != "codec":
+        print("E starts from random weights (--encoder-weights none): far from the paper's pretrained E")
+    if args.edge_from and not args.resume:
+        from extras.weights import load_edge
+        load_edge(model, args.edge_from, args)
+        if master:
+            print(f"edge (E, SE, entropy models) from {args.edge_from}, frozen: only the cloud decoder trains")
+except (ValueError, FileNotFoundError) as e:
+    flag_name = "--codec-weights" if args.decoder == "jsde" and "codec" in str(e) else \
+        "--edge-from" if args.edge_from else "--encoder-weights"
+    sys.exit(f"{flag_name}: {e}")
 EDGE = ("E", "SE", "hyperprior")  # what makes the bitstreams (HD too: both ends need it)
 edge = [getattr(model, name) for name in EDGE if hasattr(model, name)] if args.edge_from else []
-if args.edge_from and not args.resume:
-    try:
-        src = read_checkpoint(args.edge_from)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"--edge-from: {e}")
-    if src["args"]["decoder"] == "none":
-        sys.exit(f"--edge-from {args.edge_from}: a No Compression checkpoint has no edge codec")
-    if (src["args"]["decoder"] in FEATURES) != (args.decoder in FEATURES):
-        sys.exit(f"--edge-from {args.edge_from}: a {src['args']['decoder']} edge does not make the bitstreams "
-                 f"a {args.decoder} decoder reads ({', '.join(FEATURES)}: features; {', '.join(IMAGE_CODEC)}: images)")
-    differ = [f"{k} {src['args'].get(k)} (this run: {getattr(args, k)})"
-              for k in ("dataset", "encoder") + (("codec_N", "codec_M") if args.decoder in IMAGE_CODEC else ())
-              if src["args"].get(k) != getattr(args, k)]
-    if differ:
-        sys.exit(f"--edge-from {args.edge_from} was trained with other settings: {'; '.join(differ)}")
-    # strict=False: the cloud decoder's tensors stay as initialized (JD, SD + D, ..., Kaiming)
-    model.load_state_dict({k: v for k, v in src["model"].items() if k.split(".")[0] in EDGE}, strict=False)
-    args.alpha = src["args"]["alpha"]  # the rate point is the source's; RD tables list its alpha
-    del src
-    if master:
-        print(f"edge (E, SE, entropy models) from {args.edge_from}, frozen: only the cloud decoder trains")
 for m in edge:
     m.requires_grad_(False)
 model = model.to(device)
 if ddp and device_type == "cuda":  # BN statistics over all GPUs' images, not 2 per GPU
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-compress = args.decoder != "none"
+compress = model.hyperprior is not None
 if compress:
     main_params, aux_params = split_parameters(model)  # aux = EntropyBottleneck.quantiles
 else:
@@ -362,13 +333,14 @@ while iter_num < args.max_iters:
     # the noise of the rate model and dropout depend on (seed, rank, iteration) only: exact resume
     torch.manual_seed(int(np.random.SeedSequence([args.seed, rank, iter_num]).generate_state(1)[0]))
     if args.image_codec:  # Fig. 1a: the cloud sees decoded images, each at a random quality
-        qualities = IMAGE_CODECS[args.image_codec][2]
-        x = torch.cat([code_images(xi[None], args.image_codec, qualities[torch.randint(len(qualities), ())])[0]
-                       for xi in x])
+        qualities = image_codecs.IMAGE_CODECS[args.image_codec][2]
+        x = torch.cat([image_codecs.code_images(xi[None], args.image_codec,
+                                                qualities[torch.randint(len(qualities), ())])[0] for xi in x])
 
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp):
         out = model(x)
     if raw_model.image_out:  # codec, inversion: the image's 255^2 * MSE (CompressAI's recipe) for the CE
+        from extras.image_quality import image_mse
         mse = image_mse(out["x_hat"].float(), x).mean()
         distortion, shown = 255**2 * mse, f"PSNR {-10 * torch.log10(mse).item():.2f} dB"
     else:

@@ -1,0 +1,18 @@
+"""
+What goes beyond the method: one concept per file. The method's files (model.py, entropy.py,
+reparam.py, data.py) never import this folder at module level; train.py and evaluate.py import
+from it inside the modes that need it.
+
+    image_codecs.py     Fig. 1a's conventional pipelines: JPEG, WebP, AVIF, HEVC, a learned codec
+    learned_codec.py    the project's learned image codec (scale hyperprior), train.py --decoder codec
+    jsde.py             Fig. 1b: Torfason et al.'s JSDE on that codec, train.py --decoder jsde
+    privacy.py          the data-protection test: an attacker's image decoder, evaluate.py --privacy
+    image_quality.py    255^2 MSE, PSNR, SSIM for the clouds that rebuild images
+    rd_claims.py        the paper's RD claims as numbers, printed by evaluate.py --rd
+    complexity.py       Tables 2 and 4 counted: evaluate.py --complexity
+    fast_cloud.py       the deployed cloud's fast path (the same masks): evaluate.py --fast, the benchmark
+    benchmark.py        JD vs Ahuja et al.'s cloud timed: evaluate.py --benchmark cloud
+    bitstream_guard.py  the container's hostile-input checks, called by entropy.py
+    weights.py          pretrained weights (torchvision's API, the hub cache), --edge-from
+    test_extras.py      their tests, run with test_all.py by `python -m pytest -q`
+"""

@@ -1,0 +1,151 @@
+"""
+The cloud benchmark: JD (deployed, on the fast path of extras/fast_cloud.py) against Ahuja et
+al.'s SD + D per image at a preset's networks and resolution, random weights, the same bytes:
+entropy decoding, network and mask tail apart, latency at batch 1 and throughput at a batch.
+Results and their history: docs/experiments.md, "The cloud benchmark".
+
+    python evaluate.py --benchmark cloud --dataset cityscapes [--device cuda] [--json bench.json]
+"""
+import argparse
+import math
+import resource
+import time
+
+import numpy as np
+import torch
+
+import entropy
+from data import DATASETS, preset
+from extras.complexity import RESOLUTIONS
+from extras.fast_cloud import low_res_logits, speed_up, upsampled_masks
+from model import build_model
+from reparam import reparameterize
+
+
+def peak_memory_mb(device):
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+def latent_at_rate(hp, h_a, batch, size, bpp, seed=0):
+    """Byte strings of `batch` random latents of an image of `size` that cost about `bpp` with
+    this coder: r = round(s * noise), s found by bisection on the real bytes (the benchmark's
+    models are untrained, so a trained latent's statistics are not at hand)."""
+    g = torch.Generator().manual_seed(seed)
+    noise = torch.randn(batch, hp.M, *entropy.latent_size(size), generator=g)
+
+    def code(s):
+        r = torch.round(s * noise)
+        strings = hp.compress(r, h_a(r.abs()), size)
+        return strings, 8 * sum(map(len, strings)) / (batch * size[0] * size[1])
+
+    lo, hi = 0.05, 4.0  # scales of r: about 0.01 to 2 bpp
+    for _ in range(12):
+        mid = math.sqrt(lo * hi)
+        lo, hi = (mid, hi) if code(mid)[1] < bpp else (lo, mid)
+    return code(math.sqrt(lo * hi))
+
+
+def median_seconds(fns, device, runs):
+    """Median seconds of each of the functions run in turn, `runs` times."""
+    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
+    times = []
+    for _ in range(runs):
+        t = [time.perf_counter()]
+        for fn in fns:
+            fn()
+            sync()
+            t.append(time.perf_counter())
+        times.append(np.diff(t))
+    return [float(np.median(column)) for column in zip(*times)]
+
+
+@torch.inference_mode()
+def benchmark_cloud(dataset="cityscapes", size=None, batch=4, repeat=3, device="cpu", bpp=0.2, seed=0,
+                    min_seconds=10):
+    """The cloud of JD (deployed: fused, with reparam.speed_up's forwards) and of Ahuja et al.'s
+    SD + D at a preset's networks and resolution, random weights: latency per image at batch 1
+    and throughput at `batch`, entropy decoding, network and mask tail apart. A latency is the
+    median of at least `repeat` runs and of at least `min_seconds` of runs, after a warm-up:
+    JD's runs are short. Both decode the same bytes (JD's entropy models are copied into the
+    Ahuja model), so the networks make the difference."""
+    cfg = preset(dataset)
+    H, W = size or RESOLUTIONS[dataset][1]
+    torch.manual_seed(seed)
+    models = {"jd": speed_up(reparameterize(build_model({**cfg, "decoder": "jd"}).eval())),
+              "ahuja": speed_up(build_model({**cfg, "decoder": "ahuja"}).eval())}
+    models["jd"].hyperprior.update()  # the CDF tables, built once on the CPU and shared (tables built
+    models["ahuja"].hyperprior.load_state_dict(models["jd"].hyperprior.state_dict())  # on a GPU can differ,
+    #                                                   and then the model ids that the container checks)
+    strings, bpp_real = latent_at_rate(models["jd"].hyperprior, models["jd"].SE.h_a, batch, (H, W), bpp, seed)
+    out = {"dataset": dataset, "size": [H, W], "bpp": bpp_real, "bytes_per_image": sum(map(len, strings)) / batch,
+           "batch": batch, "repeat": repeat, "device": device, "threads": torch.get_num_threads(),
+           "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
+
+    def timed(fns):  # medians after a warm-up, and the number of runs
+        runs = max(repeat, math.ceil(min_seconds / sum(median_seconds(fns, device, 1))))
+        return median_seconds(fns, device, runs), runs
+
+    # the mask tail alone, on logits of the networks' output shape: the same work for both
+    logits = torch.randn(1, cfg["num_classes"], -(-H // 8), -(-W // 8), device=device)
+    (tail_s,), out["tail_runs"] = timed([lambda: upsampled_masks(logits, (H, W))])
+    out["tail_ms"] = 1e3 * tail_s
+    for name, model in models.items():
+        model.to(device)
+        model.hyperprior.update()
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats(device)
+
+        def steps(n):  # entropy decoding, then the network and the mask tail
+            decoded = {}
+            return [lambda: decoded.update(r_hat=model.hyperprior.decompress(strings[:n])[0]),
+                    lambda: upsampled_masks(low_res_logits(model, decoded["r_hat"], (H, W)), (H, W))]
+
+        (entropy_s, cloud_s), out[f"{name}_runs"] = timed(steps(1))
+        out.update({f"{name}_entropy_ms": 1e3 * entropy_s, f"{name}_network_ms": 1e3 * cloud_s - out["tail_ms"],
+                    f"{name}_total_ms": 1e3 * (entropy_s + cloud_s),
+                    f"{name}_images_per_s": batch / sum(median_seconds(steps(batch), device, 1)),
+                    f"{name}_peak_memory_mb": peak_memory_mb(device)})
+        model.cpu()
+    out["ratio_total"] = out["jd_total_ms"] / out["ahuja_total_ms"]
+    out["ratio_network"] = out["jd_network_ms"] / out["ahuja_network_ms"]
+    return out
+
+
+def print_benchmark(b):
+    where = f"{b['device']} ({b['gpu']}; entropy decoding on the CPU, " if b.get("gpu") else f"{b['device']} ("
+    print(f"cloud, {b['dataset']} networks at {b['size'][0]}x{b['size'][1]} on {where}{b['threads']} threads), random "
+          f"weights; latents at {b['bpp']:.3f} bpp ({b['bytes_per_image']:.0f} bytes per image)")
+    print(f"latency per image at batch 1 (ms, medians after a warm-up: JD {b['jd_runs']} runs, Ahuja et al. "
+          f"{b['ahuja_runs']}, mask tail {b['tail_runs']}); throughput at batch {b['batch']}")
+    print(f"{'cloud':22s} {'entropy dec.':>12s} {'network':>9s} {'mask tail':>10s} {'total':>9s} {'images/s':>9s} "
+          f"{'peak MB':>8s}")
+    for name, label in (("jd", "JD (deployed)"), ("ahuja", "Ahuja et al. SD + D")):
+        v = [b[f"{name}_{k}"] for k in ("entropy_ms", "network_ms", "total_ms", "images_per_s", "peak_memory_mb")]
+        print(f"{label:22s} {v[0]:12.1f} {v[1]:9.1f} {b['tail_ms']:10.1f} {v[2]:9.1f} {v[3]:9.3f} {v[4]:8.0f}")
+    print(f"{'JD / Ahuja':22s} {b['jd_entropy_ms'] / b['ahuja_entropy_ms']:12.1%} {b['ratio_network']:9.1%} "
+          f"{'':10s} {b['ratio_total']:9.1%} {b['jd_images_per_s'] / b['ahuja_images_per_s']:8.1f}x")
+    print("(mask tail: bilinear upsampling of the S logit maps to H x W and the per-pixel class, the same work for "
+          "both, timed alone; network = the cloud network's time less it)")
+    if not b["device"].startswith("cuda"):
+        print("(peak MB on the CPU is the process's peak resident memory so far: JD runs first)")
+
+
+def main(argv):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--benchmark", choices=["cloud"], required=True)
+    p.add_argument("--dataset", default="cityscapes", choices=DATASETS, help="preset networks (data.PRESETS)")
+    p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="input size (default: "
+                   "the preset's cloud resolution)")
+    p.add_argument("--batch-size", type=int, default=4, help="the throughput batch (default %(default)s)")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="the least number of runs after one warm-up (and at least 10 s of them)")
+    p.add_argument("--bpp", type=float, default=0.2, help="the latent rate (default %(default)s: inside Fig. 5's "
+                   "0.02-0.3 bpp)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    out = benchmark_cloud(args.dataset, args.size, args.batch_size, args.repeat, args.device, args.bpp)
+    print_benchmark(out)
+    return out, args.json
