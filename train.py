@@ -8,16 +8,12 @@ then evaluate it on the val set through real bitstreams.
     python train.py --decoder ahuja --out-dir runs/ahuja_a0.6        # Ahuja et al.'s SD + D
     python train.py --decoder none --out-dir runs/none               # No Compression (CE only)
     python train.py --resume out/synthetic/ckpt.pt    # continue exactly where it stopped
-    python train.py --decoder ahuja --edge-from out/synthetic/ckpt.pt --out-dir runs/sd_on_jd
-    python train.py --decoder none --image-codec webp --encoder-weights runs/none/ckpt.pt --out-dir runs/webp
-                                                      # Fig. 1a: No Compression fine-tuned on WebP images
-    python train.py --decoder codec --alpha 0.01      # Fig. 1a's learned image codec (MSE) -> out/synthetic_codec/
-    python train.py --decoder jsde                    # Fig. 1b: Torfason et al.'s JSDE on that codec
-    python train.py --decoder inversion --edge-from runs/jd_a0.6/ckpt.pt   # an attacker rebuilds images
     torchrun --standalone --nproc_per_node 2 train.py --max-iters 20   # DDP (gloo on CPU, nccl on GPUs)
     python train.py --dataset cityscapes --K 3 --print-config          # Suppl. Table 3, resolved
 
-A dataset preset (--dataset, data.PRESETS) fills in only the settings you did not give.
+A dataset preset (--dataset, data.PRESETS) fills in only the settings you did not give. The
+systems beyond the method (extras/) train here too: --decoder codec, jsde, inversion;
+--image-codec (Fig. 1a's fine-tuning); --edge-from (a new decoder on a frozen edge).
 """
 import argparse
 import json
@@ -236,28 +232,14 @@ def train_batches(start_iter):
 
 torch.manual_seed(args.seed)
 model = build_model(vars(args))
-try:
-    if args.decoder == "jsde" and not args.resume and not args.edge_from:  # Sec. 4.2: from a trained codec
-        from extras.jsde import start_from_codec
-        message = start_from_codec(model, args, f"{preset(args.dataset)['out_dir']}_codec")
-        if master:
-            print(message)
-    if not args.resume and not args.edge_from and args.encoder_weights != "none" and args.decoder != "codec":
-        from extras.weights import init_encoder  # torchvision's weights, or a file
-        message = init_encoder(model, args)
-        if master:
-            print(message)
-    elif not args.resume and not args.edge_from and master and args.dataset != "synthetic" and args.decoder != "codec":
-        print("E starts from random weights (--encoder-weights none): far from the paper's pretrained E")
-    if args.edge_from and not args.resume:
-        from extras.weights import load_edge
-        load_edge(model, args.edge_from, args)
-        if master:
-            print(f"edge (E, SE, entropy models) from {args.edge_from}, frozen: only the cloud decoder trains")
-except (ValueError, FileNotFoundError) as e:
-    flag_name = "--codec-weights" if args.decoder == "jsde" and "codec" in str(e) else \
-        "--edge-from" if args.edge_from else "--encoder-weights"
-    sys.exit(f"{flag_name}: {e}")
+if not args.resume:  # E's start (torchvision's weights or a file), JSDE's codec, or another run's edge
+    from extras.weights import start
+    try:
+        lines = start(model, args, f"{preset(args.dataset)['out_dir']}_codec")
+    except (ValueError, FileNotFoundError) as e:
+        sys.exit(str(e))
+    for line in lines if master else []:
+        print(line)
 EDGE = ("E", "SE", "hyperprior")  # what makes the bitstreams (HD too: both ends need it)
 edge = [getattr(model, name) for name in EDGE if hasattr(model, name)] if args.edge_from else []
 for m in edge:
