@@ -371,6 +371,9 @@ def main(args):
         out = {"n_images": n, "bytes": total}
         print(f"edge: wrote {n} bitstreams, {total} bytes, to {args.save_bitstreams}")
     elif args.from_bitstreams:
+        if args.fast:  # the deployed cloud's fast forwards (extras/fast_cloud.py): the same masks
+            from extras.fast_cloud import speed_up
+            speed_up(model)
         out = from_bitstreams(model, ds, args.from_bitstreams, args.device, args.split, fast=args.fast)
         if out["n_images"] == 0:
             raise ValueError(f"no bitstream in {args.from_bitstreams} decoded ({out['n_refused']} refused)")
