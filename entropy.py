@@ -20,18 +20,10 @@ One image becomes one self-describing byte string (the "container", format versi
                   and HD's weights, so a string is accepted only by the model that wrote it.
     .       ...   b_h, then the k streams of b_r (the last is the rest of the string)
 
-b_r is k = ceil(M h w / STREAM_SYMBOLS) rANS streams of consecutive symbols of r^ (M channels
-of h x w, in (channel, row, column) order): one up to 512x1024 at M = 64, four at 1024x2048,
-so that the buffer each stream decodes from stays small. What the model and the image size
-determine is not sent: the channels, r^'s size ceil(H/16) x ceil(W/16), h^'s ceil(H/64) x
-ceil(W/64), and k. At 128x256 the header is 11 bytes (0.0027 bpp).
-
-Every string is hostile until proven otherwise. Before any entropy decoding the header is
-checked (magic, version, sizes against MAX_IMAGE_PIXELS, the check value, payload lengths that
-rANS can have written); decoding reads only inside a buffer we own (rans_decode); and the
-decoded symbols must re-encode to exactly the payload. So a truncated, bit-flipped, foreign or
-oversized string raises a ValueError that says which, in bounded time and memory. The encoder
-refuses latents it cannot code exactly (an untrained or diverged model) with a ValueError too.
+b_r is k = ceil(M h w / STREAM_SYMBOLS) rANS streams (one up to 512x1024, four at 1024x2048).
+What the model and the image size determine is not sent: the channels, the latents' sizes, k.
+At 128x256 the header is 11 bytes (0.0027 bpp). Every string is hostile until proven otherwise:
+a bad one is refused with a ValueError that says why (the checks: extras/bitstream_guard.py).
 """
 import math
 import struct
@@ -62,13 +54,10 @@ def bits_per_pixel(likelihoods, num_pixels):
 
 def split_parameters(model):
     """Main and aux parameter lists (CompressAI's two-optimizer recipe, Supplement Sec. 1):
-    aux = only EntropyBottleneck.quantiles, main = everything else. Asserts the split is
-    disjoint and complete."""
-    named = dict(model.named_parameters())
-    aux = {n for n in named if n.endswith(".quantiles")}
-    main = {n for n in named if not n.endswith(".quantiles")}
-    assert not (main & aux) and main | aux == set(named), "optimizer split must be exact"
-    return [named[n] for n in sorted(main)], [named[n] for n in sorted(aux)]
+    aux = only EntropyBottleneck.quantiles, main = everything else, each sorted by name."""
+    named = sorted(model.named_parameters())
+    aux = [p for n, p in named if n.endswith(".quantiles")]
+    return [p for n, p in named if not n.endswith(".quantiles")], aux
 
 
 class HyperpriorCoder(nn.Module):

@@ -1,6 +1,5 @@
 """
-Evaluation of the distributed segmenters: mIoU and real bits, the edge/cloud split on files,
-RD curves (Fig. 5) with the conventional pipelines, and pictures.
+Evaluation: mIoU and real bits, the edge/cloud split on files, RD curves (Fig. 5), pictures.
 
     python evaluate.py --ckpt out/synthetic/ckpt.pt [--json m.json]   # mIoU, per-class IoU, bpp
     python evaluate.py --ckpt out/synthetic/ckpt.pt --save-bitstreams bits/  # the edge: a file per image
@@ -9,8 +8,7 @@ RD curves (Fig. 5) with the conventional pipelines, and pictures.
     python evaluate.py --rd runs/*/ckpt.pt --plot rd.png --csv rd.csv  # Fig. 5 with JPEG, and the claims
     python evaluate.py --rd runs/*/ckpt.pt --image-codecs jpeg,webp,avif,hevc,learned  # Fig. 1a
 
-Handed to extras/ (each with its own --help there): --complexity (Tables 2 and 4,
-extras/complexity.py), --benchmark cloud (extras/benchmark.py), --privacy (extras/privacy.py).
+Handed to extras/ with their own flags: --complexity, --benchmark cloud, --privacy.
 """
 import argparse
 import importlib
@@ -25,7 +23,6 @@ from PIL import Image, ImageDraw, ImageFont
 
 import entropy
 from data import colorize, denormalize, val_dataset
-from entropy import bits_per_pixel
 from model import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -43,9 +40,7 @@ def iou(cm):
     """Per-class IoU from a confusion matrix summed over the whole set, and their mean over
     the classes that occur (nan where a class is neither in the labels nor predicted)."""
     cm = cm.double()
-    inter = cm.diag()
-    union = cm.sum(0) + cm.sum(1) - inter
-    per_class = inter / union  # nan for 0/0
+    per_class = cm.diag() / (cm.sum(0) + cm.sum(1) - cm.diag())  # intersection / union; nan for 0/0
     return per_class.nanmean().item(), per_class.tolist()
 
 
@@ -60,15 +55,13 @@ def quality(m):
 
 @torch.no_grad()
 def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world_size=1):
-    """mIoU over `dataset`, and bits per pixel: from the real byte strings (the whole
-    container, header included) and from the likelihoods, Eq. (1). With real_bits, the
-    masks come from the cloud decoding the edge's bytes (model.compress, model.decompress);
-    without, from the eval-mode forward. Each rank evaluates every world_size-th image; the
-    counts are summed across ranks, so none is counted twice. A cloud that rebuilds the image
-    (extras/) is scored by PSNR and SSIM instead."""
+    """mIoU over `dataset`, and bits per pixel from the real byte strings (header included) and
+    from the likelihoods, Eq. (1). With real_bits the masks come from the cloud decoding the
+    edge's bytes, else from the eval forward. Each rank takes every world_size-th image; the
+    counts are summed. A cloud that rebuilds the image (extras/) is scored by PSNR and SSIM."""
     model.eval()
     if model.image_out:
-        from extras.image_quality import as_shown, psnr, ssim
+        from extras.image_quality import image_scores
     S = 1 if model.image_out else num_classes(model)
     coded = model.hyperprior is not None
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
@@ -81,7 +74,7 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
         out = model(x)  # eval mode: rounded latents, the likelihoods of Eq. (1)
         pred = out[model.output]
         if coded:
-            stats[1] += bits_per_pixel(out["likelihoods"], pixels).item() * pixels
+            stats[1] += entropy.bits_per_pixel(out["likelihoods"], pixels).item() * pixels
         if coded and real_bits and refused is None:
             try:
                 strings = model.compress(x)  # the edge (E runs again: one path, the deployed one)
@@ -90,14 +83,11 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
             else:
                 stats[0] += 8 * sum(len(s) for s in strings)
                 pred = model.decompress(strings)  # the cloud, from the bytes alone
-        if model.image_out:  # the image as the cloud would show it
-            x_hat, x01 = as_shown(pred), as_shown(x)
-            stats[5] += psnr(x_hat, x01).sum().item()
-            stats[6] += ssim(x_hat, x01).sum().item()
+        if model.image_out:
+            stats[5:7] += image_scores(pred, x)  # summed PSNR and SSIM of the images as shown
         else:
             cm += confusion_matrix(pred.argmax(1), y, S)  # m: the first class of the largest logit
-        stats[2] += pixels
-        stats[3] += x.shape[0]
+        stats[2:4] += torch.tensor([pixels, x.shape[0]])  # pixels, images
     if world_size > 1:
         cm, stats = cm.to(device), stats.to(device)
         dist.all_reduce(cm)
@@ -136,14 +126,15 @@ def save_bitstreams(model, dataset, out_dir, device, split="val", batch_size=8):
 def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=False, fast=False):
     """The cloud alone: decode every file of in_dir and score the mask against the label of
     the image its name points to. A file that is corrupt, foreign, or written by another
-    model is reported by name and skipped, never decoded into garbage. fast: through
-    extras/fast_cloud.py's segment (the same masks)."""
+    model is reported by name and skipped, never decoded into garbage. fast: the model gets
+    the fast forwards of extras/fast_cloud.py and decodes through its segment (the same masks)."""
     from extras.bitstream_guard import max_container_bytes  # the largest legal file: read no more
     if fast:
-        from extras.fast_cloud import segment
+        from extras.fast_cloud import segment, speed_up
+        speed_up(model)
     else:
         def segment(model, strings):
-            return model.decompress(strings).argmax(1)
+            return model.decompress(strings).argmax(1)  # m: the first class of the largest logit
     model.eval()
     S = num_classes(model)
     cm = torch.zeros(S, S, dtype=torch.int64)
@@ -184,9 +175,8 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
 
 
 def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("jpeg",), qualities=None):
-    """One row per checkpoint (mIoU, real and estimated bpp), plus the conventional pipelines'
-    points for each No-Compression checkpoint: every codec of `codecs` for a plain one, its
-    own codec for one fine-tuned on decoded images (train.py --image-codec)."""
+    """One row per checkpoint (mIoU, real and estimated bpp), plus Fig. 1a's points for each No
+    Compression checkpoint: every codec of `codecs`, or its own if fine-tuned (--image-codec)."""
     rows = []
     for path in ckpts:
         model, ckpt = load_checkpoint(path, device)
@@ -209,14 +199,9 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("j
             rows.append({**row, "method": cfg["decoder"], "bpp_real": m["bpp_real"], "bpp_est": m["bpp_est"],
                          "miou": m["miou"]})
             print(f"{path}: {cfg['decoder']}, mIoU {m['miou']:.4f}, bpp {m['bpp_real']}")
-        if cfg["decoder"] == "none":
-            from extras.image_codecs import IMAGE_CODECS, codec_rd  # Fig. 1a
-            for codec in [tuned] if tuned else codecs:
-                for r in codec_rd(model, ds, device, codec, qualities):
-                    rows.append({**row, **r, "system": codec, "finetuned": bool(tuned),
-                                 "method": codec + ("-ft" if tuned else "")})
-                    print(f"  {IMAGE_CODECS[codec][0]}{' fine-tuned' if tuned else ''} q={r['quality']}: "
-                          f"mIoU {r['miou']:.4f}, bpp {r['bpp_real']:.4f}")
+        if cfg["decoder"] == "none":  # Fig. 1a: the images coded, decoded and segmented by this model
+            from extras.image_codecs import codec_points
+            rows += codec_points(model, ds, device, row, [tuned] if tuned else codecs, bool(tuned), qualities)
     return rows
 
 
@@ -240,10 +225,7 @@ def plot_rd(rows, path, title=""):
     for r in rows:
         if r["method"] == "none":
             ax.axhline(r["miou"], color="k", ls=":", label="No Compression")
-    ax.set_xscale("log")
-    ax.set_xlabel("bits per pixel (real bitstreams and files)")
-    ax.set_ylabel("mIoU")
-    ax.set_title(title)
+    ax.set(xscale="log", xlabel="bits per pixel (real bitstreams and files)", ylabel="mIoU", title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
@@ -323,8 +305,7 @@ def get_args_parser():
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default %(default)s)")
     p.add_argument("--save-bitstreams", default=None, metavar="DIR", help="run only the edge: one file per image")
     p.add_argument("--from-bitstreams", default=None, metavar="DIR", help="run only the cloud, on those files")
-    p.add_argument("--fast", action="store_true", help="--from-bitstreams through the deployed cloud's fast "
-                   "path (extras/fast_cloud.py): the same masks")
+    p.add_argument("--fast", action="store_true", help="--from-bitstreams on extras/fast_cloud.py's path")
     p.add_argument("--save-vis", default=None, metavar="DIR", help="pictures image | truth | prediction, with a legend")
     p.add_argument("--n-vis", type=int, default=4, help="how many pictures --save-vis writes")
     p.add_argument("--plot", default=None, help="RD plot (PNG) for --rd")
@@ -359,8 +340,7 @@ def main(args):
             print(f"wrote {args.plot}")
         return out
     if not args.ckpt:
-        get_args_parser().print_help()
-        return None
+        return get_args_parser().print_help()
     model, ckpt = load_checkpoint(args.ckpt, args.device)
     ds, full = val_dataset(ckpt["args"], args.split, args.limit, args.data_root)
     if model.image_out and (args.from_bitstreams or args.save_vis):
@@ -371,9 +351,6 @@ def main(args):
         out = {"n_images": n, "bytes": total}
         print(f"edge: wrote {n} bitstreams, {total} bytes, to {args.save_bitstreams}")
     elif args.from_bitstreams:
-        if args.fast:  # the deployed cloud's fast forwards (extras/fast_cloud.py): the same masks
-            from extras.fast_cloud import speed_up
-            speed_up(model)
         out = from_bitstreams(model, ds, args.from_bitstreams, args.device, args.split, fast=args.fast)
         if out["n_images"] == 0:
             raise ValueError(f"no bitstream in {args.from_bitstreams} decoded ({out['n_refused']} refused)")
@@ -382,8 +359,7 @@ def main(args):
     else:
         out = evaluate(model, ds, args.device, args.batch_size)
         if not model.image_out:
-            print(f"per-class IoU ({out['n_images']} {args.split} images; nan: class neither in the labels "
-                  f"nor predicted)")
+            print(f"per-class IoU ({out['n_images']} {args.split} images; nan: neither labelled nor predicted)")
             for name, v in zip(full.classes, out["iou"]):
                 print(f"  {name:16s} {v:.4f}")
         line = f"{args.split} ({out['n_images']} images): {quality(out)}"

@@ -13,11 +13,9 @@ bottom-up from torch/torchvision layers, and the edge/cloud system made of them.
     Ahuja et al. [1] decode r^ -> SD -> z^ (B,C,H/8) -> D (DeepLabv3 head) -> m instead;
     No Compression is x -> E -> z -> D -> m, with nothing on the channel.
 
-E = DeepLabv3's dilated ResNet-50 (output stride 8), SE = source encoder (analysis g_a and
-hyper-analysis h_a), HD = hyper-decoder, JD = joint source and task decoder (Fig. 3) whose
-ASPP sub-blocks are over-parameterized with K branches in training (Fig. 4, Sec. 3.3).
-The entropy models and the bitstreams are in entropy.py, the branch fusion in reparam.py;
-the image-codec systems of Figs. 1a/1b and the attacker are in extras/.
+E = image encoder (dilated ResNet-50, output stride 8), SE = source encoder (g_a, h_a), HD =
+hyper-decoder, JD = joint source and task decoder (Fig. 3; K-branch ASPP sub-blocks, Fig. 4).
+The coder (Q, AE, AD) is entropy.py's, the fusion of JD's K branches reparam.py's.
 
     model = build_model({**preset("cityscapes"), "decoder": "jd"})  # S=19, F=512, K=3 (data.py)
     out = model(x)                      # training: {"logits": (B,S,H,W), "likelihoods": {...}}
@@ -155,10 +153,9 @@ class SE(nn.Module):
 
 
 def HD(N=64):
-    """Hyper-decoder: h^ (H/64) -> sigma (4x h's size, cropped to r's by the coder).
-    No ReLU on sigma: the GaussianConditional bounds it below at 0.11 with a gradient that can
-    still raise it, where a ReLU would leave a unit stuck at 0. (Measured on the synthetic data
-    at alpha = 0.3, 16 val images: r cost 0.075 bpp with a final ReLU, 0.044 without.)"""
+    """Hyper-decoder: h^ (H/64) -> sigma (4x h's size, cropped to r's by the coder). No ReLU on
+    sigma: the GaussianConditional bounds it below at 0.11 with a gradient that can still raise
+    it, where a ReLU would leave a unit stuck at 0 (docs/reconstruction.md)."""
     return nn.Sequential(nn.ConvTranspose2d(N, N, 5, 2, 2, output_padding=1), nn.ReLU(),
                          nn.ConvTranspose2d(N, N, 5, 2, 2, output_padding=1), nn.ReLU(),
                          nn.Conv2d(N, N, 3, 1, 1))
@@ -237,17 +234,12 @@ class D(nn.Module):
 
 
 class DistributedSegmenter(nn.Module):
-    """One system of Fig. 5 in three parts; edge and cloud are chains of named modules:
-
-      edge        x -> the latents: E, SE give (r, h); E alone gives z (No Compression)
-      hyperprior  the coder of (r, h): noise or rounding, likelihoods, bitstreams (entropy.py);
-                  None for No Compression, which sends nothing
-      cloud       r^ (or z) -> the output; each module is called as module(y, image_size)
-
-    JD (ours, Fig. 1d): E, SE | hyperprior | JD.  Ahuja et al. (Fig. 1c): E, SE | hyperprior |
-    SD, D.  No Compression: E | - | D.  forward(x) is the training path (noisy latents and the
-    likelihoods of Eq. (1)); compress(x) and decompress(strings) are the deployed edge and
-    cloud through real bitstreams. output is "x_hat" for a cloud that rebuilds the image."""
+    """One system of Fig. 5: edge | hyperprior | cloud. Edge and cloud are chains of named
+    modules (each cloud module called as module(y, image_size)); hyperprior is the coder of
+    (r, h), or None where nothing is sent. JD (ours, Fig. 1d): E, SE | coder | JD. Ahuja et al.
+    (Fig. 1c): E, SE | coder | SD, D. No Compression: E | - | D. forward(x) is the training path
+    (noisy latents, the likelihoods of Eq. (1)); compress(x), decompress(strings) the deployed
+    edge and cloud. output is "x_hat" for a cloud that rebuilds the image (extras/)."""
 
     def __init__(self, decoder, edge, hyperprior, cloud, output="logits"):
         super().__init__()

@@ -12,8 +12,8 @@ then evaluate it on the val set through real bitstreams.
     python train.py --dataset cityscapes --K 3 --print-config          # Suppl. Table 3, resolved
 
 A dataset preset (--dataset, data.PRESETS) fills in only the settings you did not give. The
-systems beyond the method (extras/) train here too: --decoder codec, jsde, inversion;
---image-codec (Fig. 1a's fine-tuning); --edge-from (a new decoder on a frozen edge).
+systems beyond the method train here too (--decoder codec, jsde, inversion; --image-codec;
+--edge-from): their options are extras/train_options.py's.
 """
 import argparse
 import json
@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 from data import DATASETS, PRESETS, get_dataset, preset
 from entropy import bits_per_pixel, split_parameters
 from evaluate import evaluate, quality
-from model import DECODERS, MODEL_KEYS, build_model, read_checkpoint, save_checkpoint
+from model import DECODERS, EXTRA_SYSTEMS, MODEL_KEYS, build_model, read_checkpoint, save_checkpoint
 
 if hasattr(sys.stdout, "reconfigure"):
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also through a pipe
@@ -76,21 +76,18 @@ flag("--K", "JD's over-parameterization repetitions, 0 = plain ASPP (Fig. 4)", t
 flag("--F", "ASPP width (JD and D)", type=int)
 flag("--dilations", "JD's ASPP dilations", type=int, nargs=3)
 flag("--head", "DeepLabv3 head D of the baselines", choices=["torchvision", "mmseg"])
-flag("--encoder-weights", "E's start (jsde: its ResNet stages'): imagenet or deeplabv3-coco (torchvision's weights, downloaded once into "
-     "$TORCH_HOME/hub/checkpoints), none (random), or a local ResNet / DeepLabv3 state dict or train.py checkpoint "
-     "(with --decoder none, a file's DeepLabv3 head is loaded into D too)")
-flag("--edge-from", "train only the cloud decoder, on the frozen edge (E, SE, entropy models, HD) of this "
-     "jd/ahuja checkpoint: the same bitstreams, another decoder")
-# the systems beyond the method (extras/): Fig. 1a's pipelines and learned codec, Fig. 1b's JSDE
-flag("--image-codec", "No Compression only: train on images coded and decoded by this codec (jpeg, webp, avif, "
-     "hevc, learned), each at a random quality of its sweep (Fig. 1a's fine-tuning; start from a trained "
-     "model: --encoder-weights CKPT)")
-flag("--learned-codec", "with --image-codec learned: the project's codecs (train.py --decoder codec checkpoints, "
-     "one per rate) instead of CompressAI's pretrained ones", nargs="+")
+flag("--encoder-weights", "E's start (jsde: its ResNet stages'): imagenet or deeplabv3-coco (torchvision's weights, "
+     "downloaded once into $TORCH_HOME/hub/checkpoints), none (random), or a ResNet / DeepLabv3 state dict or "
+     "train.py checkpoint (with --decoder none, a file's DeepLabv3 head is loaded into D too)")
+# the systems beyond the method (extras/train_options.py)
+flag("--edge-from", "train only a new cloud decoder, on the frozen edge (E, SE, coder, HD) of this checkpoint")
+flag("--image-codec", "No Compression fine-tuned on images decoded by this codec (jpeg, webp, avif, hevc, "
+     "learned) at random qualities (Fig. 1a; start from a trained model: --encoder-weights CKPT)")
+flag("--learned-codec", "with --image-codec learned: train.py --decoder codec checkpoints, one per rate", nargs="+")
 flag("--codec-N", "the image codec's (codec, jsde) hyper-latent channels N", type=int)
 flag("--codec-M", "the image codec's (codec, jsde) latent channels M", type=int)
-flag("--codec-weights", "jsde: the image codec's start, a train.py --decoder codec checkpoint or a CompressAI "
-     "ScaleHyperprior state dict (default: out/<dataset>_codec/ckpt.pt if it exists, else random weights)")
+flag("--codec-weights", "jsde: the image codec's start, a --decoder codec checkpoint or a CompressAI state dict "
+     "(default: out/<dataset>_codec/ckpt.pt if there)")
 # rate
 flag("--alpha", "RD trade-off of Eq. (3), in (0, 1]; higher = more bits", type=float)
 # optim
@@ -130,26 +127,17 @@ if "resume" in cli:  # settings come from the checkpoint; the model's may not ch
 else:
     config = {**DEFAULTS, **preset(cli.get("dataset", DEFAULTS["dataset"])), **cli}
 args = argparse.Namespace(**config)
-if "out_dir" not in cli and "resume" not in cli and args.decoder in ("jsde", "codec", "inversion"):
-    args.out_dir = f"{preset(args.dataset)['out_dir']}_{args.decoder}"  # out/synthetic_codec, where jsde looks
-if args.decoder == "codec" and "alpha" not in cli and "resume" not in cli:
-    args.alpha = 0.01  # the presets' alpha weighs a CE; for 255^2 * MSE, CompressAI's lambda ~ 0.0067-0.013
-if "resume" in cli and "edge_from" in cli:
-    sys.exit("--edge-from starts a run; --resume continues one with the edge setting it was started with")
-if args.edge_from and args.decoder == "none":
-    sys.exit("--edge-from trains a decoder of bitstreams: use it with --decoder jd, ahuja or inversion")
-if args.decoder == "inversion" and not args.edge_from and "resume" not in cli:
-    sys.exit("--decoder inversion attacks a trained edge: give its checkpoint with --edge-from")
-if args.edge_from and ("encoder_weights" in cli or "alpha" in cli):
-    sys.exit("--edge-from brings the whole edge and its rate point: drop --encoder-weights and --alpha")
+if args.decoder in EXTRA_SYSTEMS or any(getattr(args, k) for k in ("edge_from", "image_codec", "learned_codec",
+                                                                   "codec_weights")):
+    from extras import train_options  # a system or option beyond the method: its defaults and checks
+    error = train_options.configure(args, cli)
+    if error:
+        sys.exit(error)
 if args.dataset != "synthetic" and "size" in cli:
     sys.exit("--size sets the synthetic scenes' size; the real datasets take --crop")
 for bad, message in [  # user errors: one line each, before anything is built
         (not 0 < args.alpha <= 1, f"--alpha {args.alpha}: must be in (0, 1]; Eq. (3) weighs the CE by alpha"),
         (args.K < 0, f"--K {args.K}: the branches per sub-block must be 0 (plain ASPP) or more"),
-        (args.image_codec and args.decoder != "none", "--image-codec fine-tunes the No Compression model of "
-                                                      "a conventional pipeline: use it with --decoder none"),
-        (args.learned_codec and args.image_codec != "learned", "--learned-codec goes with --image-codec learned"),
         (args.decoder == "jd" and args.F % 64, f"--F {args.F}: JD's DWUpConv has 64 groups, so F must be a "
                                                "multiple of 64"),
         (args.max_iters is not None and args.max_iters < 0, f"--max-iters {args.max_iters}: must be 0 or more"),
@@ -159,14 +147,6 @@ for bad, message in [  # user errors: one line each, before anything is built
         (args.eval_interval < 1 or args.log_interval < 1, "--eval-interval and --log-interval must be 1 or more")]:
     if bad:
         sys.exit(message)
-if args.image_codec:
-    from extras import image_codecs  # Fig. 1a: fine-tuning on decoded images
-    try:
-        if args.learned_codec:
-            image_codecs.use_learned_codecs(args.learned_codec)
-        image_codecs.image_codec_format(args.image_codec)  # unknown, or HEVC's package missing: one line
-    except ValueError as e:
-        sys.exit(f"--image-codec: {e}")
 if print_config:
     print(json.dumps(vars(args), indent=2))
     print("fixed in the code: Adam betas (0.9, 0.99), weight decay 0, poly LR power 0.9, Kaiming init"
@@ -233,9 +213,9 @@ def train_batches(start_iter):
 torch.manual_seed(args.seed)
 model = build_model(vars(args))
 if not args.resume:  # E's start (torchvision's weights or a file), JSDE's codec, or another run's edge
-    from extras.weights import start
+    from extras.train_options import start
     try:
-        lines = start(model, args, f"{preset(args.dataset)['out_dir']}_codec")
+        lines = start(model, args)
     except (ValueError, FileNotFoundError) as e:
         sys.exit(str(e))
     for line in lines if master else []:
@@ -315,16 +295,12 @@ while iter_num < args.max_iters:
     # the noise of the rate model and dropout depend on (seed, rank, iteration) only: exact resume
     torch.manual_seed(int(np.random.SeedSequence([args.seed, rank, iter_num]).generate_state(1)[0]))
     if args.image_codec:  # Fig. 1a: the cloud sees decoded images, each at a random quality
-        qualities = image_codecs.IMAGE_CODECS[args.image_codec][2]
-        x = torch.cat([image_codecs.code_images(xi[None], args.image_codec,
-                                                qualities[torch.randint(len(qualities), ())])[0] for xi in x])
+        x = train_options.decoded_images(x, args.image_codec)
 
     with torch.autocast(device_type, dtype=torch.bfloat16, enabled=args.amp):
         out = model(x)
-    if raw_model.image_out:  # codec, inversion: the image's 255^2 * MSE (CompressAI's recipe) for the CE
-        from extras.image_quality import image_mse
-        mse = image_mse(out["x_hat"].float(), x).mean()
-        distortion, shown = 255**2 * mse, f"PSNR {-10 * torch.log10(mse).item():.2f} dB"
+    if raw_model.image_out:  # codec, inversion: 255^2 * MSE in the CE's place
+        distortion, shown = train_options.image_distortion(out["x_hat"], x)
     else:
         distortion = cross_entropy(out["logits"].float(), y, ignore_index=255)  # J_dist, Eq. (2)
         shown = f"CE {distortion.item():.4f}"

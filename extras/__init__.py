@@ -14,5 +14,6 @@ from it inside the modes that need it.
     benchmark.py        JD vs Ahuja et al.'s cloud timed: evaluate.py --benchmark cloud
     bitstream_guard.py  the container's hostile-input checks, called by entropy.py
     weights.py          pretrained weights (torchvision's API, the hub cache), --edge-from
+    train_options.py    train.py's options for these systems: defaults, checks, starting weights
     test_extras.py      their tests, run with test_all.py by `python -m pytest -q`
 """

@@ -64,7 +64,7 @@ def median_seconds(fns, device, runs):
 @torch.inference_mode()
 def benchmark_cloud(dataset="cityscapes", size=None, batch=4, repeat=3, device="cpu", bpp=0.2, seed=0,
                     min_seconds=10):
-    """The cloud of JD (deployed: fused, with reparam.speed_up's forwards) and of Ahuja et al.'s
+    """The cloud of JD (deployed: fused, with fast_cloud.speed_up's forwards) and of Ahuja et al.'s
     SD + D at a preset's networks and resolution, random weights: latency per image at batch 1
     and throughput at `batch`, entropy decoding, network and mask tail apart. A latency is the
     median of at least `repeat` runs and of at least `min_seconds` of runs, after a warm-up:

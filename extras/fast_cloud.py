@@ -159,8 +159,8 @@ def masks(logits):
 def upsampled_masks(y, image_size, rows=8):
     """masks(interpolate(y, image_size, bilinear)) for logits y (B, S, h, w) at H/8: the same
     integers. On the CPU with H = 8h, in strips of `rows` rows of y, so that each strip's 8·rows
-    upsampled rows are reduced to classes while they are still in the cache. Each strip takes one more row of y above and
-    below: output row i's source row (i + 1/2)/8 - 1/2 is exact in float, so within the strip
+    upsampled rows are reduced to classes while still in the cache. Each strip takes one more
+    row of y above and below: output row i's source row (i + 1/2)/8 - 1/2 is exact in float, so
     every kept row blends the same rows with the same weights as in the whole image. Otherwise
     one call."""
     H, W = image_size

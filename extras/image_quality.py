@@ -47,3 +47,9 @@ def ssim(x_hat, x, window=11, sigma=1.5):
     C1, C2 = 0.01**2, 0.03**2
     s = (2 * mu_x * mu_y + C1) * (2 * cov + C2) / ((mu_x**2 + mu_y**2 + C1) * (var_x + var_y + C2))
     return s.flatten(1).mean(1)
+
+
+def image_scores(x_hat, x):
+    """The summed PSNR and SSIM (2,) of a batch of normalized images as a screen shows them."""
+    x_hat, x = as_shown(x_hat), as_shown(x)
+    return torch.tensor([psnr(x_hat, x).sum().item(), ssim(x_hat, x).sum().item()], dtype=torch.float64)

@@ -142,26 +142,3 @@ def init_encoder(model, args):
     return (f"{'E and D' if whole else 'JSDE stages' if args.decoder == 'jsde' else 'E'} initialized from {path}; "
             f"keys not used: {', '.join(ignored[:4]) or 'none'}{more}")
 
-
-def start(model, args, codec_dir):
-    """A new run's starting weights, by its settings: JSDE's image codec (Sec. 4.2: a trained
-    one), E's (--encoder-weights), or another run's frozen edge (--edge-from). Returns the lines
-    to print; ValueError naming the flag whose file does not fit."""
-    lines = []
-    try:
-        flag = "--codec-weights"
-        if args.decoder == "jsde" and not args.edge_from:
-            from extras.jsde import start_from_codec
-            lines.append(start_from_codec(model, args, codec_dir))
-        flag = "--encoder-weights"
-        if not args.edge_from and args.encoder_weights != "none" and args.decoder != "codec":
-            lines.append(init_encoder(model, args))
-        elif not args.edge_from and args.dataset != "synthetic" and args.decoder != "codec":
-            lines.append("E starts from random weights (--encoder-weights none): far from the paper's pretrained E")
-        flag = "--edge-from"
-        if args.edge_from:
-            load_edge(model, args.edge_from, args)
-            lines.append(f"edge (E, SE, entropy models) from {args.edge_from}, frozen: only the cloud decoder trains")
-    except (ValueError, FileNotFoundError) as e:
-        raise ValueError(f"{flag}: {e}") from None
-    return lines
