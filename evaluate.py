@@ -8,7 +8,7 @@ Evaluation: mIoU and real bits, the edge/cloud split on files, RD curves (Fig. 5
     python evaluate.py --rd runs/*/ckpt.pt --plot rd.png --csv rd.csv  # Fig. 5 with JPEG, and the claims
     python evaluate.py --rd runs/*/ckpt.pt --image-codecs jpeg,webp,avif,hevc,learned  # Fig. 1a
 
-Handed to extras/ with their own flags: --complexity, --benchmark cloud, --privacy.
+Handed to extras/ with their own flags: --complexity, --benchmark cloud, --privacy, --hostile.
 """
 import argparse
 import importlib
@@ -136,6 +136,8 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
         def segment(model, strings):
             return model.decompress(strings).argmax(1)  # m: the first class of the largest logit
     model.eval()
+    hp = model.hyperprior
+    model_id, cap = hp.model_id(), max_container_bytes(hp.N, hp.M, hp.key is not None)
     S = num_classes(model)
     cm = torch.zeros(S, S, dtype=torch.int64)
     bits = pixels = decoded = 0
@@ -146,16 +148,20 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
         try:
             if not match or not os.path.isfile(path):
                 raise ValueError(f"not a bitstream file of this split ({split}_NNNNN{SUFFIX})")
-            if int(match[1]) >= len(dataset):
-                raise ValueError(f"the {split} split has no image {int(match[1])}")
-            if os.path.getsize(path) > max_container_bytes(model.hyperprior.N, model.hyperprior.M):
-                raise ValueError(f"{os.path.getsize(path)} bytes: larger than any bitstream of this model")
+            i = int(match[1])
+            if name != f"{split}_{i:05d}{SUFFIX}":  # one name per image: val_1 is not val_00001
+                raise ValueError(f"not the name of image {i}'s file ({split}_{i:05d}{SUFFIX})")
+            if i >= len(dataset):
+                raise ValueError(f"the {split} split has no image {i}")
             with open(path, "rb") as f:
-                data = f.read()
+                data = f.read(cap + 1)
+            if len(data) > cap:
+                raise ValueError(f"more than {cap} bytes: larger than any bitstream of this model")
+            _, y = dataset[i]
+            size = entropy.unpack(data, model_id, hp.N, hp.M, hp.key)["image_size"]  # every check, no decoding
+            if size != tuple(y.shape):
+                raise ValueError(f"declares a {size[0]}x{size[1]} image, but image {i} is {y.shape[0]}x{y.shape[1]}")
             pred = segment(model, [data])[0]
-            _, y = dataset[int(match[1])]
-            if pred.shape != y.shape:
-                raise ValueError(f"decodes to {tuple(pred.shape)}, but image {int(match[1])} is {tuple(y.shape)}")
         except (ValueError, OSError) as e:
             print(f"refused {name}: {e}")
             refused.append((name, str(e)))
@@ -311,7 +317,9 @@ def get_args_parser():
     p.add_argument("--plot", default=None, help="RD plot (PNG) for --rd")
     p.add_argument("--csv", default=None, help="RD table (CSV) for --rd")
     p.add_argument("--max-image-pixels", type=int, default=entropy.MAX_IMAGE_PIXELS,
-                   help="the largest image a bitstream may declare (default %(default)s: 2048x4096)")
+                   help="the largest image a bitstream may declare, in pixels of h^'s 64x64 grid "
+                   "(default %(default)s: 2048x4096)")
+    p.add_argument("--key-file", default=None, help="a secret shared by edge and cloud: strings carry its MAC")
     from extras.image_codecs import add_codec_flags  # --image-codecs, --learned-codec, --codec-qualities
     add_codec_flags(p)
     return p
@@ -343,6 +351,9 @@ def main(args):
         return get_args_parser().print_help()
     model, ckpt = load_checkpoint(args.ckpt, args.device)
     ds, full = val_dataset(ckpt["args"], args.split, args.limit, args.data_root)
+    if args.key_file and model.hyperprior:
+        from extras.bitstream_guard import read_key
+        model.hyperprior.key = read_key(args.key_file)  # keyed strings only (entropy.py's docstring)
     if model.image_out and (args.from_bitstreams or args.save_vis):
         raise ValueError(f"--from-bitstreams and --save-vis score and draw masks; a {model.decoder} model "
                          "rebuilds images (--privacy draws them)")
@@ -376,7 +387,8 @@ def main(args):
     return out
 
 
-HANDED = {"--complexity": "extras.complexity", "--benchmark": "extras.benchmark", "--privacy": "extras.privacy"}
+HANDED = {"--complexity": "extras.complexity", "--benchmark": "extras.benchmark", "--privacy": "extras.privacy",
+          "--hostile": "extras.bitstream_guard"}
 
 
 def run(argv):

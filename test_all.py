@@ -275,7 +275,7 @@ def test_header_v3(coded):
     from the image size."""
     model, x, strings = coded
     model_id = model.hyperprior.model_id()
-    fields = entropy.unpack(strings[0], model_id, model.hyperprior.M)
+    fields = entropy.unpack(strings[0], model_id, model.hyperprior.N, model.hyperprior.M)
     assert fields["image_size"] == (70, 99) and len(fields["b_r"]) == 1
     header = len(strings[0]) - len(fields["b_h"]) - len(fields["b_r"][0])
     assert strings[0][0] == 0xD3 and strings[0][1] == model_id & 0xFF
@@ -283,8 +283,6 @@ def test_header_v3(coded):
     assert strings[0][2:4] == bytes([70, 99])  # one varint byte each below 128
     assert entropy.latent_size((70, 99)) == (5, 7) and entropy.hyper_size((70, 99)) == (2, 2)
     assert [entropy.r_streams(64, size) for size in [(512, 1024), (513, 1024), (1024, 2048)]] == [1, 2, 4]
-    for n in (0, 1, 127, 128, 300, 16383, 2**21 - 1):
-        assert entropy.read_varint(entropy.varint(n), 0, "n") == (n, len(entropy.varint(n)))
 
 
 def test_b_r_streams(coded, monkeypatch):
@@ -303,7 +301,7 @@ def test_b_r_streams(coded, monkeypatch):
     with pytest.raises(ValueError, match="corrupted"):  # k follows from M and the size: not sent
         model.decompress(strings)
     mid = hp.model_id()
-    f = entropy.unpack(cut[0], mid, hp.M)
+    f = entropy.unpack(cut[0], mid, hp.N, hp.M)
     assert len(f["b_r"]) == k and all(len(b) >= 8 and len(b) % 4 == 0 for b in f["b_r"])
     header = len(cut[0]) - len(f["b_h"]) - sum(map(len, f["b_r"]))
     assert header == 2 + 2 + sum(len(entropy.varint(len(b))) for b in [f["b_h"], *f["b_r"][:-1]]) + 4
@@ -315,21 +313,117 @@ def test_b_r_streams(coded, monkeypatch):
 
 
 def test_bomb_refused_before_decoding(coded):
-    """A small string declaring a 65535x65535 image (or anything over MAX_IMAGE_PIXELS) is
-    refused from its header, with a valid check value and real payloads."""
+    """A small string declaring a 65535x65535 image, or a thin one with more positions of h^
+    than the largest legal image (1 x 2^21 - 1, 4 x 2097151), is refused from its header, with a
+    valid check value and real payloads; so is a string longer than any of its declared size.
+    The bound counts pixels on h^'s 64x64 grid: 64 x 131072 is legal, 65 x 131072 is not."""
     model, x, strings = coded
-    mid = model.hyperprior.model_id()
-    f = entropy.unpack(strings[0], mid, model.hyperprior.M)
-    for size in [(65535, 65535), (4096, 4096)]:
+    hp = model.hyperprior
+    mid = hp.model_id()
+    f = entropy.unpack(strings[0], mid, hp.N, hp.M)
+    for size in [(65535, 65535), (4096, 4096), (1, 2**21 - 1), (2097151, 4), (4, 2097151), (16, 524288),
+                 (65, 131072), (2049, 4096)]:
         with pytest.raises(ValueError, match="declares a"):
-            model.decompress([entropy.pack(f["b_h"], f["b_r"], size, mid)])
+            hp.decompress([entropy.pack(f["b_h"], f["b_r"], size, mid)])
+    for size in [(64, 131072), (2048, 4096), (1, 131072)]:  # legal sizes: refused later (k streams, payload)
+        with pytest.raises(ValueError) as e:
+            hp.decompress([entropy.pack(f["b_h"], f["b_r"], size, mid)])
+        assert "declares" not in str(e.value)
+    with pytest.raises(ValueError, match="the container takes 1 to"):  # nor does the edge write one
+        hp.compress(torch.zeros(1, hp.M, 1, 8196), torch.zeros(1, hp.N, 1, 2049), (16, 131136))
+    longest = len(strings[0]) - len(f["b_h"]) - len(f["b_r"][0]) + 4 * hp.M * 5 * 7 + 4 * hp.N * 2 * 2
+    with pytest.raises(ValueError, match=f"longer than any of a 70x99 image \\({longest}\\)"):
+        hp.decompress([entropy.pack(f["b_h"], [f["b_r"][0] + bytes(longest)], (70, 99), mid)])
     limit = entropy.MAX_IMAGE_PIXELS
     try:
-        entropy.MAX_IMAGE_PIXELS = 70 * 98
-        with pytest.raises(ValueError, match="1 to 6860 pixels"):
+        entropy.MAX_IMAGE_PIXELS = 128 * 128 - 1  # 70x99 is 128x128 on h^'s grid
+        with pytest.raises(ValueError, match="128x128 on h\\^'s grid of 64x64 cells: the container takes 1 to 16383"):
             model.decompress(strings[:1])
     finally:
         entropy.MAX_IMAGE_PIXELS = limit
+
+
+def test_canonical_headers(coded):
+    """One set of masks has one string: a varint with a redundant zero byte, and a model tag
+    other than the model's, are refused even with a valid check value; a length of b_h or
+    of a b_r stream beyond the payload is reported as such."""
+    model, x, strings = coded
+    hp = model.hyperprior
+    mid = hp.model_id()
+    f = entropy.unpack(strings[0], mid, hp.N, hp.M)
+    s = strings[0]
+    assert s[2:4] == bytes([70, 99])
+    head = s[:2] + bytes([70 | 0x80, 0]) + s[3:-len(f["b_h"]) - len(f["b_r"][0]) - 4]  # H = 70 in 2 bytes
+    payload = f["b_h"] + f["b_r"][0]
+    long_h = head + entropy.check_value(mid, head, payload) + payload
+    with pytest.raises(ValueError, match="image height has a redundant zero byte"):
+        hp.decompress([long_h])
+    tag = bytes([s[0], s[1] ^ 1]) + s[2:-len(payload) - 4]
+    with pytest.raises(ValueError, match="another model"):
+        hp.decompress([tag + entropy.check_value(mid, tag, payload) + payload])
+    for n in (0, 1, 127, 128, 300, 16383, 2**21 - 1):
+        assert entropy.read_varint(entropy.varint(n), 0, "n") == (n, len(entropy.varint(n)))
+    with pytest.raises(ValueError, match="n has a redundant zero byte"):
+        entropy.read_varint(bytes([0x85, 0x80, 0x00]), 0, "n")
+    head = s[:4] + entropy.varint(len(payload) + 4)  # b_h longer than the whole payload
+    with pytest.raises(ValueError, match="b_h of .* bytes, but .* bytes of payload are left"):
+        hp.decompress([head + entropy.check_value(mid, head, payload) + payload])
+
+
+def test_keyed_mode(coded):
+    """With the same key on both ends, strings carry an HMAC (12 bytes more than the CRC) and
+    decode to the same latents; a string made without the key, with another key, or unkeyed
+    is refused, and so is every single-bit flip of a keyed string, header or payload; a forged
+    flip of an escape-coded value, which the CRC cannot catch, is refused with a key."""
+    model, x, strings = coded
+    hp = model.hyperprior
+    mid, (r_hat, _) = hp.model_id(), hp.decompress(strings)
+    try:
+        hp.key = b"k" * 32
+        keyed = hp.compress(*model.edge(x), (70, 99))
+        assert [len(k) - len(s) for k, s in zip(keyed, strings)] == [12, 12] and keyed[0][0] == 0xDB
+        assert torch.equal(hp.decompress(keyed)[0], r_hat)
+        with pytest.raises(ValueError, match="not keyed"):
+            hp.decompress(strings[:1])
+        s = keyed[0]
+        for i in range(len(s)):
+            for bit in range(8):
+                with pytest.raises(ValueError):
+                    hp.decompress([s[:i] + bytes([s[i] ^ (1 << bit)]) + s[i + 1:]])
+        hp.key = b"j" * 32
+        with pytest.raises(ValueError, match="not made with this key"):
+            hp.decompress(keyed[:1])
+    finally:
+        hp.key = None
+    with pytest.raises(ValueError, match="keyed: decode it with the key file"):
+        hp.decompress(keyed[:1])
+    # escape-coded values are raw bits the re-encode check cannot see: with the CRC recomputed
+    # a flip decodes (to another value), with a key it is refused
+    r, h = torch.zeros(1, hp.M, 5, 7), torch.zeros(1, hp.N, 2, 2)
+    r[0, 0, 0, 0] = 1000
+    s = hp.compress(r, h, (70, 99))[0]
+    f = entropy.unpack(s, mid, hp.N, hp.M)
+    flipped = []
+    for i in range(len(f["b_r"][0])):
+        for bit in range(8):
+            b_r = bytearray(f["b_r"][0])
+            b_r[i] ^= 1 << bit
+            try:
+                r_hat, _ = hp.decompress([entropy.pack(f["b_h"], [bytes(b_r)], (70, 99), mid)])
+                flipped.append((i, bit, r_hat[0, 0, 0, 0].item()))
+            except ValueError:
+                pass
+    assert flipped and all(v != 1000 for _, _, v in flipped)  # forged, accepted, other values
+    hp.key = b"k" * 32
+    try:
+        s = hp.compress(r, h, (70, 99))[0]
+        i, bit, _ = flipped[0]
+        at = len(s) - len(f["b_r"][0]) + i
+        with pytest.raises(ValueError, match="not made with this key"):
+            hp.decompress([s[:at] + bytes([s[at] ^ (1 << bit)]) + s[at + 1:]])
+        assert hp.decompress([s])[0][0, 0, 0, 0] == 1000
+    finally:
+        hp.key = None
 
 
 def test_real_bits_match_likelihood_bits():
@@ -362,7 +456,7 @@ def test_real_bits_match_likelihood_bits():
         est_bits = bits_per_pixel(p, 1).item()  # Eq. (1) times the pixels: bits
         strings = coder.compress(r, h, (256, 256))
     model_id = coder.model_id()
-    fields = [entropy.unpack(s, model_id, coder.M) for s in strings]
+    fields = [entropy.unpack(s, model_id, coder.N, coder.M) for s in strings]
     real_bits = 8 * sum(len(f["b_h"]) + sum(map(len, f["b_r"])) for f in fields)
     assert abs(real_bits / est_bits - 1) < 0.10, (real_bits, est_bits)
 
@@ -676,8 +770,10 @@ def test_miou_known_value():
 
 def test_bitstreams_on_disk(ckpts, tmp_path, monkeypatch):
     """The edge writes one file per image; the cloud decodes them to the in-process masks;
-    corrupt, foreign, misnamed and oversized files are refused by name and counted;
-    evaluate.py exits non-zero when no file decodes."""
+    corrupt, foreign, misnamed, duplicate (val_3 beside val_00003), oversized files and files
+    of another image size are refused by name, before any decoding, and counted; evaluate.py
+    exits non-zero when no file decodes; with --key-file on both ends, keyed files decode and
+    are refused without the key."""
     model, ckpt = load_checkpoint(ckpts["jd"])
     ds, _ = val_dataset(ckpt["args"], limit=4)
     n, total = save_bitstreams(model, ds, str(tmp_path), "cpu")
@@ -699,15 +795,39 @@ def test_bitstreams_on_disk(ckpts, tmp_path, monkeypatch):
     assert m["n_images"] == 2 and m["n_refused"] == 3
     assert {name for name, _ in m["refused"]} == {"val_00001.dssj", "val_00002.dssj", "notes.txt"}
     assert from_bitstreams(other, ds, str(tmp_path), "cpu")["n_images"] == 0  # another model's files
-    monkeypatch.setattr(entropy, "MAX_IMAGE_PIXELS", 16 * 16)  # 1x256: 16 positions of r^, 4 of h^
-    assert bitstream_guard.max_container_bytes(64, 64) == 4 * (64 * 16 + 64 * 4) + 2 + 3 * 4 + 4
+    (tmp_path / "val_3.dssj").write_bytes((tmp_path / "val_00003.dssj").read_bytes())  # image 3 twice
+    hp, mid = model.hyperprior, model.hyperprior.model_id()
+    f = entropy.unpack((tmp_path / "val_00000.dssj").read_bytes(), mid, hp.N, hp.M)
+    (tmp_path / "val_00000.dssj").write_bytes(entropy.pack(f["b_h"], f["b_r"], (32, 48), mid))  # another size
+    def no_decoding(*args):
+        raise ValueError("decoding")
+    with monkeypatch.context() as m:
+        m.setattr(bitstream_guard, "rans_decode", no_decoding)
+        refused = dict(from_bitstreams(model, ds, str(tmp_path), "cpu")["refused"])
+    assert refused["val_00003.dssj"] == "decoding"  # the one file that gets so far
+    assert "not the name of image 3's file (val_00003.dssj)" in refused["val_3.dssj"]
+    assert "declares a 32x48 image, but image 0 is" in refused["val_00000.dssj"]
+    monkeypatch.setattr(entropy, "MAX_IMAGE_PIXELS", 64 * 64)  # one cell of h^: 16 positions of r^, 1 of h^
+    assert bitstream_guard.max_container_bytes(64, 64) == 4 * (64 * 16 + 64 * 1) + 2 + 3 * 3 + 4
     cap = bitstream_guard.max_container_bytes(model.hyperprior.N, model.hyperprior.M)
     (tmp_path / "val_00003.dssj").write_bytes(bytes(cap + 1))
     refused = dict(from_bitstreams(model, ds, str(tmp_path), "cpu")["refused"])
-    assert "larger than any bitstream" in refused["val_00003.dssj"]  # refused before it is read
+    assert f"more than {cap} bytes" in refused["val_00003.dssj"]  # read no further
     proc = run_script("evaluate.py", "--ckpt", str(tmp_path.parent / "other.pt"), "--from-bitstreams",
                       str(tmp_path), check=False)
     assert proc.returncode != 0 and "error: no bitstream in" in proc.stdout  # none decodes: exit non-zero
+    monkeypatch.undo()
+    key, keyed = tmp_path.parent / "key", str(tmp_path.parent / "keyed")
+    key.write_bytes(os.urandom(32))
+    run_script("evaluate.py", "--ckpt", ckpts["jd"], "--save-bitstreams", keyed, "--limit", "2", "--key-file", str(key))
+    out = run_script("evaluate.py", "--ckpt", ckpts["jd"], "--from-bitstreams", keyed, "--key-file", str(key))
+    assert "cloud: 2 bitstreams decoded, 0 refused" in out.stdout
+    proc = run_script("evaluate.py", "--ckpt", ckpts["jd"], "--from-bitstreams", keyed, check=False)
+    assert proc.returncode != 0 and "is keyed: decode it with the key file" in proc.stdout
+    key.write_bytes(b"short")
+    proc = run_script("evaluate.py", "--ckpt", ckpts["jd"], "--from-bitstreams", keyed, "--key-file", str(key),
+                      check=False)
+    assert proc.returncode != 0 and "has 5 bytes; use 16 to 1024 random bytes" in proc.stdout
 
 
 def test_rd_csv_and_plot(ckpts, tmp_path):

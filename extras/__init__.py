@@ -12,7 +12,8 @@ from it inside the modes that need it.
     complexity.py       Tables 2 and 4 counted: evaluate.py --complexity
     fast_cloud.py       the deployed cloud's fast path (the same masks): evaluate.py --fast, the benchmark
     benchmark.py        JD vs Ahuja et al.'s cloud timed: evaluate.py --benchmark cloud
-    bitstream_guard.py  the container's hostile-input checks, called by entropy.py
+    bitstream_guard.py  the container's hostile-input checks, called by entropy.py; the key file;
+                        what each declared size costs: evaluate.py --hostile
     weights.py          pretrained weights (torchvision's API, the hub cache), --edge-from
     train_options.py    train.py's options for these systems: defaults, checks, starting weights
     test_extras.py      their tests, run with test_all.py by `python -m pytest -q`

@@ -9,6 +9,8 @@ bounded time and memory (tested by a fuzz in a subprocess, extras/test_extras.py
     check_payload_length   a payload is whole 32-bit words, at least 8 bytes (as rANS writes)
     rans_decode            decoding inside a zero-padded buffer we own, then re-encoding
     max_container_bytes    the largest legal file, for readers that cap what they read
+    read_key               the shared secret of the keyed mode
+    main                   what strings of each declared size cost the cloud, side by side
 """
 import numpy as np
 import torch
@@ -83,9 +85,118 @@ def rans_decode(entropy_model, strings, indexes, name):
     return symbols
 
 
-def max_container_bytes(N, M):
-    """No container of an image of at most MAX_IMAGE_PIXELS = P pixels is longer: the encoder
-    writes at most 4 bytes a symbol (check_codable), a 1 x P image has the most latent
-    positions (ceil(P/16) of r^, ceil(P/64) of h^), and a header varint has at most 3 bytes."""
+def max_container_bytes(N, M, keyed=False):
+    """No container the cloud accepts is longer: the encoder writes at most 4 bytes a symbol
+    (check_codable), r^ and h^ have at most P/256 and P/4096 positions (P = MAX_IMAGE_PIXELS,
+    entropy.check_image_size), and each varint of the header has at most 3 bytes."""
     P = entropy.MAX_IMAGE_PIXELS
-    return 4 * (M * -(-P // 16) + N * -(-P // 64)) + 2 + 3 * (3 + entropy.r_streams(M, (1, P))) + 4
+    k = -(-M * (P // 256) // entropy.STREAM_SYMBOLS)  # b_r's streams at most
+    return 4 * (M * (P // 256) + N * (P // 4096)) + 2 + 3 * (3 + k - 1) + (entropy.MAC_BYTES if keyed else 4)
+
+
+def read_key(path):
+    """The shared secret of the keyed mode (entropy.py's docstring): 16 to 1024 bytes from a file,
+    the same on edge and cloud (make one with: head -c 32 /dev/urandom > key)."""
+    with open(path, "rb") as f:
+        key = f.read(1025)
+    if not 16 <= len(key) <= 1024:
+        raise ValueError(f"key file {path} has {len(key)}{'+' * (len(key) > 1024)} bytes; use 16 to 1024 random "
+                         "bytes, e.g. head -c 32 /dev/urandom > key")
+    return key
+
+
+# -----------------------------------------------------------------------------
+# what a string can cost the cloud, by the image size its header declares
+
+
+CHILD = r"""
+import resource, sys, time, torch
+from model import load_checkpoint
+model, _ = load_checkpoint(sys.argv[1])
+data = open(sys.argv[2], "rb").read()
+for _ in range(2):  # the second run counts: the first also pays for the process's first allocations
+    t0 = time.perf_counter()
+    try:
+        r_hat, size = model.hyperprior.decompress([data])
+        t1 = time.perf_counter()
+        m = model.cloud(r_hat, size).argmax(1)
+        result = "decoded"
+    except ValueError as e:
+        t1, result = time.perf_counter(), "refused: " + str(e)
+    t2 = time.perf_counter()
+peak = [int(line.split()[1]) for line in open("/proc/self/status") if line.startswith("VmHWM:")]  # this process's
+print(t1 - t0, t2 - t0, (peak or [resource.getrusage(resource.RUSAGE_SELF).ru_maxrss])[0] / 1024, result, sep="\t")
+"""
+
+SIZES = {"legal": [(2048, 4096), (4096, 2048), (64, 131072), (131072, 64), (1, 131072)],
+         "forged": [(2097151, 4), (4, 2097151), (1, 2097151), (16, 524288), (2049, 4096)]}
+
+
+def strings_by_size(model, out_dir):
+    """Files of all-zero latents, as the model's own edge coder writes them, for each size of
+    SIZES (the forged ones written past the cap, as a forger would), and of a legal 2048 x 4096
+    image whose every symbol is large (|r^| = |h^| = 100, escape-coded)."""
+    import os
+    hp, P = model.hyperprior, entropy.MAX_IMAGE_PIXELS
+    paths = {}
+    try:
+        entropy.MAX_IMAGE_PIXELS = 2**42  # the edge writes what a forger would
+        for kind, sizes in SIZES.items():
+            for size in sizes:
+                r = torch.zeros(1, hp.M, *entropy.latent_size(size))
+                h = torch.zeros(1, hp.N, *entropy.hyper_size(size))
+                paths[f"{kind} {size[0]}x{size[1]}"] = hp.compress(r, h, size)[0]
+    finally:
+        entropy.MAX_IMAGE_PIXELS = P
+    sign = lambda n: (torch.arange(n) % 2 * 2 - 1).float()  # noqa: E731  alternating signs
+    r = 100 * sign(hp.M * 128 * 256).reshape(1, hp.M, 128, 256)
+    h = 100 * sign(hp.N * 32 * 64).reshape(1, hp.N, 32, 64)
+    paths["legal 2048x4096, |r^| = |h^| = 100"] = hp.compress(r, h, (2048, 4096))[0]
+    for name, s in list(paths.items()):
+        paths[name] = os.path.join(out_dir, name.replace(" ", "_").replace("|", "").replace(",", "") + ".dssj")
+        with open(paths[name], "wb") as f:
+            f.write(s)
+    return paths
+
+
+def main(argv):
+    """python evaluate.py --hostile --ckpt CKPT: each string decoded (bytes to masks) in a fresh
+    process, its time and peak memory side by side with a legal 2048 x 4096 image's."""
+    import argparse
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from model import load_checkpoint
+    p = argparse.ArgumentParser(description=main.__doc__)
+    p.add_argument("--hostile", action="store_true", required=True)
+    p.add_argument("--ckpt", required=True, help="a checkpoint with a coder (JD, Ahuja et al.)")
+    p.add_argument("--repeat", type=int, default=3, help="runs of each string: the fastest counts, the largest peak")
+    p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    model, _ = load_checkpoint(args.ckpt)
+    if model.hyperprior is None:
+        raise ValueError(f"{args.ckpt} sends no bitstream")
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = strings_by_size(model, tmp)
+        runs = {name: [] for name in paths}
+        for _ in range(args.repeat):  # in turn, so that a slow spell of the machine hits every string
+            for name, path in paths.items():
+                out = subprocess.run([sys.executable, "-c", CHILD, args.ckpt, path], cwd=here, check=True,
+                                     text=True, stdout=subprocess.PIPE).stdout
+                runs[name].append(out.strip().split("\t"))
+        rows = [{"string": name, "bytes": os.path.getsize(paths[name]), "entropy_s": min(float(r[0]) for r in rs),
+                 "total_s": min(float(r[1]) for r in rs), "peak_mb": max(float(r[2]) for r in rs),
+                 "result": rs[0][3][:50]} for name, rs in runs.items()]
+    ref = rows[0]
+    print(f"{'string':38s} {'bytes':>9s} {'entropy s':>9s} {'x ref':>6s} {'total s':>8s} {'x ref':>6s} "
+          f"{'peak MB':>8s} {'x ref':>6s}  result")
+    for r in rows:
+        r.update({f"{k}_ratio": r[k] / ref[k] for k in ("entropy_s", "total_s", "peak_mb")})
+        print(f"{r['string']:38s} {r['bytes']:9d} {r['entropy_s']:9.2f} {r['entropy_s_ratio']:6.2f} "
+              f"{r['total_s']:8.2f} {r['total_s_ratio']:6.2f} {r['peak_mb']:8.0f} {r['peak_mb_ratio']:6.2f}  "
+              f"{r['result']}")
+    print(f"(bytes to masks, the second decoding in a fresh process, the fastest of {args.repeat} such processes "
+          "run in turn; entropy: the coder's decompress; peak: the process's peak resident memory; ref: the first row)")
+    return rows, args.json

@@ -232,7 +232,7 @@ def test_jsde_roundtrip_through_bitstreams(tmp_path, monkeypatch):
     assert torch.equal(model.decompress(from_files), model.decompress(strings))
     monkeypatch.setattr(entropy, "STREAM_SYMBOLS", 100)  # 24 * 5 * 7 = 840 symbols: 9 streams (N's 16: 6)
     cut = model.compress(x)
-    assert len(entropy.unpack(cut[0], model.hyperprior.model_id(), 24)["b_r"]) == 9
+    assert len(entropy.unpack(cut[0], model.hyperprior.model_id(), model.hyperprior.N, 24)["b_r"]) == 9
     assert torch.equal(model.hyperprior.decompress(cut)[0], y_hat)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="another model"):
@@ -491,7 +491,7 @@ model.hyperprior.update()
 mid = model.hyperprior.model_id()
 x = torch.randn(2, 3, 64, 96)
 valid = model.compress(x)
-fields = [entropy.unpack(s, mid, 8) for s in valid]
+fields = [entropy.unpack(s, mid, 8, 8) for s in valid]
 assert all(len(f["b_r"]) == 3 for f in fields)
 rng = random.Random(0)
 def rand(n):
@@ -513,7 +513,12 @@ def mutations():
         yield forge(streams[0], streams[1:])  # streams swapped
         yield forge(rng.choice([b"", b_h]), [rng.choice([b"", s[:rng.randrange(12)]]) for s in b_r])  # empty, short
         yield forge(b_h, b_r, (rng.randrange(1, 300), rng.randrange(1, 300)))  # other sizes (and stream counts)
-        yield forge(b_h, b_r, rng.choice([(65535, 65535), (4096, 4096), (1, 2**20), (0, 96)]))
+        yield forge(b_h, b_r, rng.choice([(65535, 65535), (4096, 4096), (1, 2**20), (0, 96), (2097151, 4),
+                                          (4, 2097151), (16, 524288), (64, 131072)]))  # huge or thin
+        s = forge(b_h, b_r)
+        at = rng.randrange(2, 4)  # H or W (one byte each here) in two bytes, the check value fixed
+        head = s[:at] + bytes([s[at] | 0x80, 0]) + s[at + 1:-len(b_h + b"".join(b_r)) - 4]
+        yield head + entropy.check_value(mid, head, b_h + b"".join(b_r)) + b_h + b"".join(b_r)
         yield forge(rand(rng.randrange(0, 16)), [rand(rng.randrange(0, 16)) for s in b_r])  # short random payloads
         yield forge(b_h, b_r[:j] + [rand(4 * rng.randrange(2, 300))] + b_r[j + 1:])  # a random stream after a valid b_h
         yield forge(rand(4 * rng.randrange(2, 40)), [rand(4 * rng.randrange(2, 300)) for s in b_r])
@@ -522,32 +527,35 @@ def mutations():
         s[rng.randrange(len(s))] ^= 1 << rng.randrange(8)
         yield forge(b_h, b_r[:j] + [bytes(s)] + b_r[j + 1:])  # a flipped bit, check fixed
         yield rand(rng.randrange(0, 64))  # noise
-n = decoded = 0
+n = decoded = refused_varints = 0
 t0 = time.time()
 for s in mutations():
     try:
         out = model.decompress([s])
-        size = entropy.unpack(s, mid, 8)["image_size"]
+        size = entropy.unpack(s, mid, 8, 8)["image_size"]
         assert out.shape == (1, 5, *size), out.shape
         decoded += 1
-    except ValueError:
-        pass
+    except ValueError as e:
+        refused_varints += "redundant zero byte" in str(e)
     n += 1
+print(f"{refused_varints} non-canonical")
 print(f"{n} strings, {decoded} decoded, {n - decoded} refused, {time.time() - t0:.1f} s")
 """
 
 
 def test_fuzz_decompress_never_crashes():
-    """2750 structured mutations of strings with 3 b_r streams, the check value recomputed
-    (stream boundaries shifted, streams swapped, empty and short payloads, other and huge
-    sizes, random streams after a valid header, cut streams, flipped bits) and noise: each
+    """3000 structured mutations of strings with 3 b_r streams, the check value recomputed
+    (stream boundaries shifted, streams swapped, empty and short payloads, other, huge and
+    thin sizes, non-canonical varints, random streams after a valid header, cut streams,
+    flipped bits) and noise: each
     is decoded to masks of its declared size or refused with a ValueError. In a subprocess,
     so that a crash of the C++ decoder fails the test."""
     proc = subprocess.run([sys.executable, "-c", FUZZ], cwd=HERE, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:]
     n, decoded = map(int, re.search(r"(\d+) strings, (\d+) decoded", proc.stdout).groups())
-    assert n == 2750 and decoded < n
+    refused_varints = int(re.search(r"(\d+) non-canonical", proc.stdout)[1])
+    assert n == 3000 and decoded < n and refused_varints == 250
 
 
 def test_payload_lengths_refused(coded):
@@ -556,7 +564,7 @@ def test_payload_lengths_refused(coded):
     with them)."""
     model, x, strings = coded
     mid = model.hyperprior.model_id()
-    f = entropy.unpack(strings[0], mid, model.hyperprior.M)
+    f = entropy.unpack(strings[0], mid, model.hyperprior.N, model.hyperprior.M)
     r0 = f["b_r"][0]
     for b_h, b_r in [(b"", b""), (f["b_h"], b""), (b"", r0), (f["b_h"], r0[:-3])]:
         s = entropy.pack(b_h, [b_r], (70, 99), mid)
