@@ -416,7 +416,11 @@ class COCOVOC(torch.utils.data.Dataset):
 DATASETS = ("synthetic", "cityscapes", "coco")
 PRESETS = {  # setting: (synthetic, cityscapes, coco)
     "encoder": ("resnet18-l2", "resnet50", "resnet50"),  # E (model.py)
-    "encoder_weights": ("none", "imagenet", "imagenet"),  # E's start: torchvision's weights API
+    "encoder_weights": ("none", "imagenet", "imagenet"),  # No Compression's E starts here (torchvision's API)
+    # JD's and Ahuja et al.'s E (Ahuja's D too) start from the trained No Compression model (Sec. 4.2,
+    # [1]): a --decoder none run of this project, or torchvision's DeepLabv3 trained on COCO-VOC
+    "nocomp_model": ("out/synthetic_none/ckpt.pt", "out/cityscapes_none/ckpt.pt", "deeplabv3-coco"),
+    "freeze_encoder": (False, True, True),  # keep them fixed ([1]'s setup), or train them on from there
     "K": (3, 3, 1),  # over-parameterization repetitions (Fig. 4)
     "F": (256, 512, 256),  # ASPP width of JD and D; the demo's is the paper's COCO JD head
     # JD's ASPP dilations: on the demo's 8x16 latent, (5, 10, 15) would mostly see padding

@@ -200,7 +200,8 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("j
         tuned = cfg.get("image_codec")  # a No-Compression model fine-tuned on this codec's images
         row = {"checkpoint": path, "dataset": cfg["dataset"], "system": cfg["decoder"], "finetuned": None,
                "alpha": cfg.get("alpha") if coded else None, "K": cfg["K"] if coded else None,
-               "seed": cfg.get("seed", 0)}
+               "seed": cfg.get("seed", 0), "reading": ("frozen" if cfg.get("freeze_encoder") else "trained on")
+               if cfg.get("nocomp_model") not in (None, "none") else None}  # E's start (train.py --nocomp-model)
         if not tuned:
             rows.append({**row, "method": cfg["decoder"], "bpp_real": m["bpp_real"], "bpp_est": m["bpp_est"],
                          "miou": m["miou"]})
@@ -223,11 +224,15 @@ def plot_rd(rows, path, title=""):
     for codec, colour in zip(IMAGE_CODECS, ("C2", "C4", "C5", "C1", "C6")):
         styles[codec] = ("^:", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 (Fig. 1a)")
         styles[codec + "-ft"] = ("^--", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 fine-tuned")
-    for method, (marker, colour, label) in styles.items():
-        for k, seed in enumerate(sorted({r.get("seed", 0) for r in rows if r["method"] == method})):
-            pts = sorted((r["bpp_real"], r["miou"]) for r in rows if r["method"] == method and r.get("seed", 0) == seed)
-            ax.plot(*zip(*pts), marker, color=colour, ms=4, alpha=1 if k == 0 else 0.45,
-                    label=label if k == 0 else f"{label.split(' (')[0]}, seed {seed}")
+    for method, (marker, colour, label) in styles.items():  # a curve per reading of E's start and seed
+        curves = sorted({(r.get("reading") or "", r.get("seed", 0)) for r in rows if r["method"] == method})
+        for reading, seed in curves:
+            pts = sorted((r["bpp_real"], r["miou"]) for r in rows if r["method"] == method and
+                         r.get("seed", 0) == seed and (r.get("reading") or "") == reading)
+            more = [s for s in (reading and f"E {reading}", seed and f"seed {seed}") if s]
+            ax.plot(*zip(*pts), marker.replace("-", "--") if reading == "trained on" else marker, color=colour, ms=4,
+                    alpha=0.45 if seed else 1, mfc="white" if reading == "trained on" else colour,
+                    label=", ".join([label.split(" (")[0]] + more) if more else label)
     for r in rows:
         if r["method"] == "none":
             ax.axhline(r["miou"], color="k", ls=":", label="No Compression")
@@ -341,8 +346,8 @@ def main(args):
                         args.codec_qualities)
         print_rd_compare(rd_compare(out))
         if args.csv:
-            write_csv(out, args.csv, ["checkpoint", "dataset", "system", "finetuned", "method", "alpha", "K", "seed",
-                                      "quality", "bpp_real", "bpp_est", "miou"])
+            write_csv(out, args.csv, ["checkpoint", "dataset", "system", "finetuned", "method", "reading", "alpha", "K",
+                                      "seed", "quality", "bpp_real", "bpp_est", "miou"])
         if args.plot:
             plot_rd(out, args.plot, f"{out[0]['dataset']}, {args.split} set")
             print(f"wrote {args.plot}")

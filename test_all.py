@@ -465,7 +465,7 @@ def test_real_bits_match_likelihood_bits():
 # data and training
 
 QUICK = ["--max-iters", "4", "--batch-size", "2", "--eval-interval", "2", "--log-interval", "1",
-         "--val-limit", "4", "--F", "64", "--K", "1"]
+         "--val-limit", "4", "--F", "64", "--K", "1", "--nocomp-model", "none"]  # E from random: no stage 1
 
 
 def run_script(script, *argv, check=True):
@@ -519,6 +519,39 @@ def test_train_runs(decoder, tmp_path):
     model, ckpt = load_checkpoint(str(tmp_path / "ckpt.pt"))
     assert ckpt["iter_num"] == 4 and model.decoder == decoder
     assert val_dataset(ckpt["args"], limit=1)[0][0][0].shape == (3, 64, 96)
+
+
+def test_protocol_starts_from_no_compression(tmp_path, cityscapes_root):
+    """Sec. 4.2's protocol: JD and Ahuja et al. start E (Ahuja: and D) from the trained No
+    Compression model, which the demo trains first when it is missing (stage 1, with the run's
+    flags). With --freeze-encoder two training steps leave E's weights and BN statistics (and
+    Ahuja's D) equal to the No Compression model's: no gradient reached them and BN kept its
+    statistics; --no-freeze-encoder trains E on. The args name the model and the reading; on
+    Cityscapes a missing model stops with one line naming the command that makes it."""
+    nc = tmp_path / "nc" / "ckpt.pt"
+    quick = QUICK[:-2] + ["--max-iters", "2", "--nocomp-model", str(nc)]  # QUICK ends in --nocomp-model none
+    out = run_train(*quick, "--freeze-encoder", "--out-dir", str(tmp_path / "jd")).stdout
+    assert "stage 1: the No Compression model, python train.py --dataset synthetic --decoder none" in out
+    assert f"E from the No Compression model {nc}, frozen" in out and nc.is_file()
+    run_train(*quick, "--decoder", "ahuja", "--freeze-encoder", "--out-dir", str(tmp_path / "ahuja"))
+    out = run_train(*quick, "--no-freeze-encoder", "--out-dir", str(tmp_path / "jd_on")).stdout
+    assert "stage 1" not in out and "trained on" in out  # the model is reused
+    start = torch.load(nc)["model"]
+    for run, fixed, moved in [("jd", "E.", "SE."), ("ahuja", "E.|D.", "SD."), ("jd_on", "", "E.|SE.")]:
+        ckpt = torch.load(tmp_path / run / "ckpt.pt")
+        assert ckpt["iter_num"] == 2 and ckpt["args"]["nocomp_model"] == str(nc)
+        assert ckpt["args"]["freeze_encoder"] == (run != "jd_on")
+        for k, v in ckpt["model"].items():
+            if fixed and re.match(fixed, k):
+                assert torch.equal(v, start[k]), (run, k)  # weights and BN buffers alike
+        assert any(not torch.equal(v, start[k]) for k, v in ckpt["model"].items()
+                   if re.match(moved, k) and k in start and v.is_floating_point()) or run != "jd_on", run
+    proc = run_train("--dataset", "cityscapes", "--data-root", str(cityscapes_root[0]),
+                     "--nocomp-model", str(tmp_path / "none.pt"), check=False)
+    assert proc.returncode != 0 and proc.stdout.count("\n") == 1
+    assert "make it first with python train.py --dataset cityscapes --decoder none" in proc.stdout
+    proc = run_train(*QUICK, "--freeze-encoder", check=False)
+    assert proc.returncode != 0 and "use it with --nocomp-model" in proc.stdout
 
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
@@ -752,7 +785,7 @@ def test_cli_refuses_bad_settings(tmp_path):
                           (["--alpha", "2"], "--alpha 2.0: must be in (0, 1]"),
                           (["--K", "-1"], "--K -1:"), (["--max-iters", "-5"], "--max-iters -5:"),
                           (["--out-dir", str(tmp_path / "file" / "sub")], "cannot write there")]:
-        proc = run_train(*argv, "--val-limit", "2", "--F", "64", check=False)
+        proc = run_train(*argv, "--val-limit", "2", "--F", "64", "--nocomp-model", "none", check=False)
         assert proc.returncode == 1 and message in proc.stdout and "iter 1:" not in proc.stdout, proc.stdout
 
 
@@ -1056,8 +1089,10 @@ def test_print_config_is_table_3():
                                 "encoder", "dilations", "clip", "head")} == dict(
         max_iters=80000, batch_size=8, lr=1e-3, lr_aux=1e-3, crop=769, F=512, K=3, num_classes=19,
         encoder="resnet50", dilations=[5, 10, 15], clip=1.0, head="mmseg")
+    assert (cfg["nocomp_model"], cfg["freeze_encoder"]) == ("out/cityscapes_none/ckpt.pt", True)
     cfg = json.loads(run_train("--dataset", "coco", "--print-config").stdout.split("\nfixed")[0])
     assert (cfg["epochs"], cfg["batch_size"], cfg["lr"], cfg["lr_aux"], cfg["crop"], cfg["F"], cfg["K"]) == \
         (42, 16, 1e-2, 1e-3, 513, 256, 1)
+    assert (cfg["nocomp_model"], cfg["freeze_encoder"]) == ("deeplabv3-coco", True)  # torchvision's, Sec. 4.2
 
 

@@ -18,6 +18,7 @@ systems beyond the method train here too (--decoder codec, jsde, inversion; --im
 import argparse
 import json
 import os
+import subprocess
 import sys
 import time
 
@@ -76,13 +77,18 @@ flag("--K", "JD's over-parameterization repetitions, 0 = plain ASPP (Fig. 4)", t
 flag("--F", "ASPP width (JD and D)", type=int)
 flag("--dilations", "JD's ASPP dilations", type=int, nargs=3)
 flag("--head", "DeepLabv3 head D of the baselines", choices=["torchvision", "mmseg"])
-flag("--encoder-weights", "E's start (jsde: its ResNet stages'): imagenet or deeplabv3-coco (torchvision's weights, "
-     "downloaded once into $TORCH_HOME/hub/checkpoints), none (random), or a ResNet / DeepLabv3 state dict or "
-     "train.py checkpoint (with --decoder none, a file's DeepLabv3 head is loaded into D too)")
+flag("--nocomp-model", "jd, ahuja: E (Ahuja et al.: and D) start from this trained No Compression model, Sec. 4.2: "
+     "a train.py --decoder none checkpoint (the demo trains it first if missing), deeplabv3-coco (torchvision's), "
+     "or none (E from --encoder-weights instead, trained jointly: not the paper's protocol)")
+flag("--freeze-encoder", "jd, ahuja: keep that E (and D) fixed, as [1]; --no-freeze-encoder trains them on",
+     action=argparse.BooleanOptionalAction)
+flag("--encoder-weights", "E's start in a No Compression run (jsde: its ResNet stages'): imagenet or deeplabv3-coco "
+     "(torchvision's weights, downloaded once into $TORCH_HOME/hub/checkpoints), none (random), or a ResNet / "
+     "DeepLabv3 state dict or train.py checkpoint (with --decoder none, a file's DeepLabv3 head goes into D too)")
 # the systems beyond the method (extras/train_options.py)
 flag("--edge-from", "train only a new cloud decoder, on the frozen edge (E, SE, coder, HD) of this checkpoint")
 flag("--image-codec", "No Compression fine-tuned on images decoded by this codec (jpeg, webp, avif, hevc, "
-     "learned) at random qualities (Fig. 1a; start from a trained model: --encoder-weights CKPT)")
+     "learned) at random qualities (Fig. 1a), from the No Compression model (default: --nocomp-model's)")
 flag("--learned-codec", "with --image-codec learned: train.py --decoder codec checkpoints, one per rate", nargs="+")
 flag("--codec-N", "the image codec's (codec, jsde) hyper-latent channels N", type=int)
 flag("--codec-M", "the image codec's (codec, jsde) latent channels M", type=int)
@@ -122,8 +128,9 @@ if "resume" in cli:  # settings come from the checkpoint; the model's may not ch
               for k in MODEL_KEYS + ("dataset", "size") if k in cli and cli[k] != ckpt["args"].get(k)]
     if differ:
         sys.exit(f"cannot resume {cli['resume']}: it was trained with other settings: {'; '.join(differ)}")
-    # DEFAULTS and the preset first: settings added since the checkpoint was saved
-    config = {**DEFAULTS, **preset(ckpt["args"]["dataset"]), **ckpt["args"], **cli}
+    # DEFAULTS and the preset first: settings added since the checkpoint was saved (E then trained jointly)
+    config = {**DEFAULTS, **preset(ckpt["args"]["dataset"]), "nocomp_model": None, "freeze_encoder": False,
+              **ckpt["args"], **cli}
 else:
     config = {**DEFAULTS, **preset(cli.get("dataset", DEFAULTS["dataset"])), **cli}
 args = argparse.Namespace(**config)
@@ -135,6 +142,16 @@ if args.decoder in EXTRA_SYSTEMS or any(getattr(args, k) for k in ("edge_from", 
         sys.exit(error)
 if args.dataset != "synthetic" and "size" in cli:
     sys.exit("--size sets the synthetic scenes' size; the real datasets take --crop")
+if not args.resume:  # the paper's protocol (Sec. 4.2): JD and Ahuja et al. start from the No Compression model
+    coder = args.decoder in ("jd", "ahuja") and not args.edge_from
+    if coder and "encoder_weights" in cli and "nocomp_model" not in cli:
+        args.nocomp_model = "none"  # E's start given: from there, trained jointly
+    if not coder or args.nocomp_model == "none":
+        if cli.get("freeze_encoder"):
+            sys.exit("--freeze-encoder keeps the No Compression model's E fixed: use it with --nocomp-model")
+        args.nocomp_model, args.freeze_encoder = args.nocomp_model if coder else None, False
+    if args.decoder == "none" and "out_dir" not in cli and not args.image_codec:
+        args.out_dir += "_none"  # out/synthetic_none: where the feature coders look for it
 for bad, message in [  # user errors: one line each, before anything is built
         (not 0 < args.alpha <= 1, f"--alpha {args.alpha}: must be in (0, 1]; Eq. (3) weighs the CE by alpha"),
         (args.K < 0, f"--K {args.K}: the branches per sub-block must be 0 (plain ASPP) or more"),
@@ -174,6 +191,34 @@ batch = args.batch_size // world_size  # per process; the effective batch stays 
 if batch < 2:
     sys.exit("each process needs a batch of at least 2: BatchNorm after ASPP's global pooling "
              "sees one value per channel and image")
+
+if master:  # a place to write, checked before any training
+    try:
+        os.makedirs(args.out_dir, exist_ok=True)
+        with open(os.path.join(args.out_dir, ".write_test"), "w"):
+            pass
+        os.remove(os.path.join(args.out_dir, ".write_test"))
+    except OSError as e:
+        sys.exit(f"--out-dir {args.out_dir}: cannot write there ({e.strerror or e})")
+
+# -----------------------------------------------------------------------------
+# stage 1: the No Compression model that JD and Ahuja et al. start from. The demo trains its own
+# the first time, with this run's data, network and schedule flags; the real datasets name the command.
+
+if args.nocomp_model not in (None, "none", "deeplabv3-coco") and not os.path.isfile(args.nocomp_model):
+    make = ["--dataset", args.dataset, "--decoder", "none", "--out-dir", os.path.dirname(args.nocomp_model)]
+    if args.dataset != "synthetic" or ddp:
+        sys.exit(f"--nocomp-model {args.nocomp_model}: not there. JD and Ahuja et al. start from the trained No "
+                 f"Compression model (Sec. 4.2): make it first with python train.py {' '.join(make)}")
+    for k in ("size", "val_limit", "encoder", "F", "head", "max_iters", "epochs", "batch_size", "lr", "lr_aux",
+              "clip", "device", "amp", "compile", "eval_interval", "log_interval", "num_workers"):
+        v = cli.get(k)
+        make += [] if v is None or v is False else [f"--{k.replace('_', '-')}"] + \
+            ([] if v is True else [str(x) for x in (v if isinstance(v, list) else [v])])
+    print(f"stage 1: the No Compression model, python train.py {' '.join(make)}")
+    if subprocess.run([sys.executable, os.path.abspath(__file__), *make]).returncode:
+        sys.exit(f"stage 1 failed: the No Compression model is not at {args.nocomp_model}")
+    print(f"stage 2: {args.decoder} from {args.nocomp_model}")
 
 # -----------------------------------------------------------------------------
 # data
@@ -221,9 +266,11 @@ if not args.resume:  # E's start (torchvision's weights or a file), JSDE's codec
     for line in lines if master else []:
         print(line)
 EDGE = ("E", "SE", "hyperprior")  # what makes the bitstreams (HD too: both ends need it)
-edge = [getattr(model, name) for name in EDGE if hasattr(model, name)] if args.edge_from else []
-for m in edge:
-    m.requires_grad_(False)
+frozen = [getattr(model, name) for name in EDGE if hasattr(model, name)] if args.edge_from else []
+if args.freeze_encoder:  # [1]'s setup: the No Compression model's E (and Ahuja's D) fixed, only the new parts train
+    frozen += [model.E] + ([model.D] if args.decoder == "ahuja" else [])
+for m in frozen:
+    m.requires_grad_(False)  # no gradient, so autograd records nothing in E: its forward runs without a graph
 model = model.to(device)
 if ddp and device_type == "cuda":  # BN statistics over all GPUs' images, not 2 per GPU
     model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -266,24 +313,18 @@ def checkpoint():
 # -----------------------------------------------------------------------------
 # training loop
 
-if master:  # a place to write, checked before any training
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, ".write_test"), "w"):
-            pass
-        os.remove(os.path.join(args.out_dir, ".write_test"))
-    except OSError as e:
-        sys.exit(f"--out-dir {args.out_dir}: cannot write there ({e.strerror or e})")
+if master:
     n_params = sum(p.numel() for p in raw_model.parameters())
     print(f"{args.decoder} on {args.dataset}: {n_params / 1e6:.2f} M parameters, {world_size} process(es) "
           f"on {device}, batch {args.batch_size}, {args.max_iters} iterations from {iter_num}")
-loader = DataLoader(train_ds, batch_sampler=train_batches(iter_num), num_workers=args.num_workers,
-                    pin_memory=device_type == "cuda")
-batches = iter(loader)
+cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+if iter_num < args.max_iters:  # evaluation alone (--max-iters 0) needs no training batch
+    batches = iter(DataLoader(train_ds, batch_sampler=train_batches(iter_num), pin_memory=device_type == "cuda",
+                              num_workers=min(args.num_workers, cores)))  # no more workers than cores
 t0 = time.time()
 while iter_num < args.max_iters:
     model.train()
-    for m in edge:  # a frozen edge keeps its BN statistics and codes by rounding, as deployed
+    for m in frozen:  # frozen modules keep their BN statistics (and a frozen edge codes by rounding)
         m.eval()
     for group in optimizer.param_groups:
         group["lr"] = get_lr(args.lr, iter_num)

@@ -29,41 +29,44 @@ def codec_label(method):
 
 
 def rd_compare(rows):
-    """The RD claims as numbers, from rd_points' rows:
-    - each JD point against Ahuja's curve of the same seed at the same real bpp (and each
-      Ahuja point against JD's): difference in mIoU, None outside the other curve's rates;
+    """The RD claims as numbers, from rd_points' rows, for each reading of E's start (rows'
+    "reading": "frozen", "trained on", or "" for E from --encoder-weights):
+    - each JD point against Ahuja's curve of the same reading and seed at the same real bpp (and
+      each Ahuja point against JD's): difference in mIoU, None outside the other curve's rates;
     - each point of each conventional pipeline (codec, plain or fine-tuned) and of JSDE against
-      the best feature-coding point (JD or Ahuja) that needs no more bits: a positive margin
-      means feature coding is better at that rate."""
-    curves = {}
-    for r in rows:
-        curves.setdefault(r["method"], []).append((r["bpp_real"], r["miou"]))
-    curves = {m: sorted(pts) for m, pts in curves.items()}
+      the best feature-coding point (JD or Ahuja) of each reading that needs no more bits: a
+      positive margin means feature coding is better at that rate."""
+    coders = [r for r in rows if r["method"] in ("jd", "ahuja")]
+    groups = sorted({(r.get("reading") or "", r.get("seed", 0)) for r in coders})
     out = {"jd_vs_ahuja": [], "feature_vs_codec": {}}
-    seeds = sorted({r.get("seed", 0) for r in rows if r["method"] in ("jd", "ahuja")})
-    for seed in seeds:  # one curve per method and seed
-        curve = {m: sorted((r["bpp_real"], r["miou"]) for r in rows if r["method"] == m and r.get("seed", 0) == seed)
-                 for m in ("jd", "ahuja")}
+    for reading, seed in groups:  # one curve per method, reading and seed
+        curve = {m: sorted((r["bpp_real"], r["miou"]) for r in coders if r["method"] == m and r.get("seed", 0) == seed
+                           and (r.get("reading") or "") == reading) for m in ("jd", "ahuja")}
         for m, other in (("jd", "ahuja"), ("ahuja", "jd")):
             for bpp, miou in curve[m]:
                 ref = miou_at(curve[other], bpp) if curve[other] else None
-                out["jd_vs_ahuja"].append({"at": m, "seed": seed, "bpp": bpp, "jd": miou if m == "jd" else ref,
-                                           "ahuja": miou if m == "ahuja" else ref})
-    feature = curves.get("jd", []) + curves.get("ahuja", [])
-    for method in curves:
+                out["jd_vs_ahuja"].append({"at": m, "reading": reading, "seed": seed, "bpp": bpp,
+                                           "jd": miou if m == "jd" else ref, "ahuja": miou if m == "ahuja" else ref})
+    for method in sorted({r["method"] for r in rows}):
         if method.partition("-")[0] in IMAGE_CODECS or method == "jsde":
             out["feature_vs_codec"][method] = []
-            for bpp, miou in curves[method]:
-                best = max((mf for bf, mf in feature if bf <= bpp), default=None)
-                out["feature_vs_codec"][method].append({"bpp": bpp, "codec": miou, "feature": best,
-                                                        "margin": None if best is None else best - miou})
+            for bpp, miou in sorted((r["bpp_real"], r["miou"]) for r in rows if r["method"] == method):
+                for reading in sorted({reading for reading, _ in groups}):
+                    best = max((r["miou"] for r in coders if r["bpp_real"] <= bpp
+                                and (r.get("reading") or "") == reading), default=None)
+                    out["feature_vs_codec"][method].append({"bpp": bpp, "codec": miou, "reading": reading, "feature": best,
+                                                            "margin": None if best is None else best - miou})
     return out
 
 
+def reading_label(reading):
+    return f"E {reading}" if reading else "E from --encoder-weights"
+
+
 def print_rd_compare(c):
-    print("JD vs Ahuja at equal real bpp (the other curve of the same seed interpolated on log bpp):")
+    print("JD vs Ahuja at equal real bpp (the other curve of the same reading and seed interpolated on log bpp):")
     for r in c["jd_vs_ahuja"]:
-        at = f"  seed {r['seed']} {r['at']:5s} point at {r['bpp']:.4f} bpp:"
+        at = f"  {reading_label(r['reading'])}, seed {r['seed']}, {r['at']:5s} point at {r['bpp']:.4f} bpp:"
         if r["jd"] is None or r["ahuja"] is None:
             print(f"{at} outside the other curve's rates")
         else:
@@ -74,4 +77,4 @@ def print_rd_compare(c):
         for r in points:
             best = "no feature point at that rate" if r["feature"] is None else \
                 f"feature {r['feature']:.4f}, margin {100 * r['margin']:+.1f} points"
-            print(f"  {r['bpp']:.4f} bpp: mIoU {r['codec']:.4f}; {best}")
+            print(f"  {r['bpp']:.4f} bpp: mIoU {r['codec']:.4f}; {reading_label(r['reading'])}: {best}")

@@ -317,7 +317,7 @@ def test_inversion_attack(ckpts, tmp_path):
 def test_rd_compare():
     """JD vs Ahuja at equal bpp interpolates the other curve on log bpp (None outside its
     rates); each codec point (plain or fine-tuned) is compared with the best feature-coding
-    point at no more bits."""
+    point at no more bits; both for each reading of E's start."""
     rows = [dict(method="jd", bpp_real=0.05, miou=0.60), dict(method="jd", bpp_real=0.10, miou=0.70),
             dict(method="ahuja", bpp_real=0.2, miou=0.72), dict(method="ahuja", bpp_real=0.04, miou=0.62),
             dict(method="none", bpp_real=None, miou=0.8),
@@ -333,6 +333,14 @@ def test_rd_compare():
     assert jpeg[0.3]["feature"] == 0.72 and jpeg[0.3]["margin"] == pytest.approx(0.22)
     assert jpeg[0.03]["feature"] is None
     assert c["feature_vs_codec"]["webp-ft"][0]["margin"] == pytest.approx(0.62 - 0.65)
+    # each reading of E's start (train.py --freeze-encoder) is a curve of its own and its own claims
+    rows += [dict(method="jd", reading="frozen", bpp_real=0.2, miou=0.5), dict(method="ahuja", reading="frozen",
+                                                                             bpp_real=0.1, miou=0.4)]
+    c = rd_compare(rows)
+    frozen = [r for r in c["jd_vs_ahuja"] if r["reading"] == "frozen"]
+    assert [(r["at"], r["jd"], r["ahuja"]) for r in frozen] == [("jd", 0.5, None), ("ahuja", None, 0.4)]
+    jpeg = {(r["bpp"], r["reading"]): r for r in c["feature_vs_codec"]["jpeg"]}
+    assert jpeg[0.3, "frozen"]["feature"] == 0.5 and jpeg[0.3, ""]["feature"] == 0.72
 
 
 def test_benchmark_cloud():
@@ -445,13 +453,22 @@ def test_deeplabv3_coco_is_torchvisions_model(fake_hub, coco_root, tmp_path):
     x = torch.randn(2, 3, 128, 128)
     with torch.no_grad():
         assert (model(x)["logits"] - tv.eval()(x)["out"]).abs().max() < 1e-4
+    # the paper's protocol on COCO: JD's E is that model's, frozen; evaluation alone needs no training
+    # batch (preset batch 16, DataLoader workers, a 2-image training set)
+    out = run_train("--dataset", "coco", "--data-root", str(coco_root[0]), "--max-iters", "0", "--val-limit", "1",
+                    "--out-dir", str(tmp_path / "jd")).stdout
+    assert f"E from the No Compression model {fake_hub / 'deeplabv3_resnet50_coco-cd0a2569.pth'}, frozen" in out
+    jd, ckpt = load_checkpoint(str(tmp_path / "jd" / "ckpt.pt"))
+    backbone = {k[len("backbone."):]: v for k, v in tv.state_dict().items() if k.startswith("backbone.")}
+    assert all(torch.equal(v, backbone[k]) for k, v in jd.E.state_dict().items())
+    assert (ckpt["args"]["nocomp_model"], ckpt["args"]["freeze_encoder"]) == ("deeplabv3-coco", True)
 
 
 def test_offline_without_cache_names_the_file(fake_hub, cityscapes_root):
     """With an empty cache and no network, --encoder-weights imagenet (the real presets'
-    default) stops with one message naming the file, its URL and the cache path."""
+    default for No Compression) stops with one message naming the file, its URL and the cache path."""
     proc = run_train("--dataset", "cityscapes", "--data-root", str(cityscapes_root[0]), "--max-iters", "1",
-                     check=False)
+                     "--decoder", "none", check=False)
     assert proc.returncode != 0 and "Traceback" not in proc.stdout
     assert "resnet50-0676ba61.pth" in proc.stdout and "https://download.pytorch.org/models/" in proc.stdout
     assert str(fake_hub / "resnet50-0676ba61.pth") in proc.stdout

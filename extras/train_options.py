@@ -5,7 +5,7 @@ train.py's options for the systems beyond the method, used only when a run asks 
 weights (--encoder-weights, JSDE's codec).
 
     configure(args, cli)   their defaults and checks: a one-line error, or None
-    start(model, args)     the starting weights of a new run; the lines to print
+    start(model, args)     the starting weights of a new run (E from the No Compression model too)
     decoded_images(x, codec)       Fig. 1a: each image coded and decoded at a random quality
     image_distortion(x_hat, x)     255^2 * MSE for the clouds that rebuild the image
 """
@@ -19,6 +19,9 @@ def configure(args, cli):
     fresh = "resume" not in cli
     if "out_dir" not in cli and fresh and args.decoder in ("jsde", "codec", "inversion"):
         args.out_dir = f"{preset(args.dataset)['out_dir']}_{args.decoder}"  # out/synthetic_codec, where jsde looks
+    if args.image_codec and fresh:  # Fig. 1a: fine-tune the dataset's No Compression model, not overwrite it
+        args.out_dir = cli.get("out_dir", f"{preset(args.dataset)['out_dir']}_none_{args.image_codec}")
+        args.encoder_weights = cli.get("encoder_weights", preset(args.dataset)["nocomp_model"])
     if args.decoder == "codec" and "alpha" not in cli and fresh:
         args.alpha = 0.01  # the presets' alpha weighs a CE; for 255^2 * MSE, CompressAI's lambda ~ 0.0067-0.013
     for bad, message in [
@@ -50,17 +53,21 @@ def start(model, args):
     """A new run's starting weights, by its settings: JSDE's image codec (Sec. 4.2: a trained
     one), E's (--encoder-weights), or another run's frozen edge (--edge-from). Returns the lines
     to print; ValueError naming the flag whose file does not fit."""
-    from extras.weights import init_encoder, load_edge
+    from extras.weights import init_encoder, load_edge, load_nocomp
     lines = []
     try:
         flag = "--codec-weights"
         if args.decoder == "jsde" and not args.edge_from:
             from extras.jsde import start_from_codec
             lines.append(start_from_codec(model, args, f"{preset(args.dataset)['out_dir']}_codec"))
+        flag = "--nocomp-model"
+        nocomp = args.nocomp_model not in (None, "none")
+        if nocomp:
+            lines.append(load_nocomp(model, args))
         flag = "--encoder-weights"
-        if not args.edge_from and args.encoder_weights != "none" and args.decoder != "codec":
+        if not args.edge_from and not nocomp and args.encoder_weights != "none" and args.decoder != "codec":
             lines.append(init_encoder(model, args))
-        elif not args.edge_from and args.dataset != "synthetic" and args.decoder != "codec":
+        elif not args.edge_from and not nocomp and args.dataset != "synthetic" and args.decoder != "codec":
             lines.append("E starts from random weights (--encoder-weights none): far from the paper's pretrained E")
         flag = "--edge-from"
         if args.edge_from:

@@ -128,6 +128,25 @@ def load_edge(model, path, args):
     args.alpha = src["args"]["alpha"]  # the rate point is the source's; RD tables list its alpha
 
 
+def load_nocomp(model, args):
+    """Sec. 4.2's start of JD and Ahuja et al.: E, and Ahuja's D, from the trained No Compression
+    model of the dataset (a train.py --decoder none checkpoint, or torchvision's DeepLabv3-COCO);
+    SE, HD, JD and SD keep their Kaiming start. Returns the line to print."""
+    named = args.nocomp_model == "deeplabv3-coco"
+    path = pretrained_file("deeplabv3-coco", args.encoder) if named else args.nocomp_model
+    cfg = read_weights(path).get("args")
+    if isinstance(cfg, dict):  # a train.py checkpoint: the same data and encoder, and No Compression
+        differ = [f"{k} {cfg.get(k)} (this run: {v})" for k, v in [("decoder", "none"), ("dataset", args.dataset),
+                                                                    ("encoder", args.encoder)] if cfg.get(k) != v]
+        if differ:
+            raise ValueError(f"{path} is not a No Compression model of this run's data and encoder: {'; '.join(differ)}")
+    load_encoder_weights(model.E, path)
+    if args.decoder == "ahuja" and not load_deeplab_head(model.D, path):
+        raise ValueError(f"{path} has no DeepLabv3 head for Ahuja et al.'s D")
+    return (f"E{' and D' if args.decoder == 'ahuja' else ''} from the No Compression model {path}, "
+            f"{'frozen (as [1])' if args.freeze_encoder else 'trained on'}")
+
+
 def init_encoder(model, args):
     """E's start from --encoder-weights (a torchvision name or a file); for No Compression the
     file's DeepLabv3 head too (torchvision's DeepLabv3-COCO as it is, or a trained model to
