@@ -2,20 +2,25 @@
 The cloud benchmark: JD (deployed, on the fast path of extras/fast_cloud.py) against Ahuja et
 al.'s SD + D per image at a preset's networks and resolution, random weights, the same bytes:
 entropy decoding, network and mask tail apart, latency at batch 1 and throughput at a batch.
-Results and their history: docs/experiments.md, "The cloud benchmark".
+Results and their history: docs/experiments.md, "The cloud benchmark". And the training step of
+both, E (and Ahuja's D) frozen and trained on (train.py --freeze-encoder), with peak memory.
 
     python evaluate.py --benchmark cloud --dataset cityscapes [--device cuda] [--json bench.json]
+    python evaluate.py --benchmark train --dataset synthetic [--device cuda] [--batch-size 2]
 """
 import argparse
 import math
+import os
 import resource
 import time
 
 import numpy as np
 import torch
+from torch.nn.functional import cross_entropy
 
 import entropy
 from data import DATASETS, preset
+from entropy import split_parameters
 from extras.complexity import RESOLUTIONS
 from extras.fast_cloud import low_res_logits, speed_up, upsampled_masks
 from model import build_model
@@ -25,7 +30,10 @@ from reparam import reparameterize
 def peak_memory_mb(device):
     if device.startswith("cuda"):
         return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+    if os.path.exists("/proc/self/status"):  # Linux: the peak RSS since the last reset_peak_memory
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # macOS: bytes, the process's peak
 
 
 def latent_at_rate(hp, h_a, batch, size, bpp, seed=0):
@@ -132,9 +140,77 @@ def print_benchmark(b):
         print("(peak MB on the CPU is the process's peak resident memory so far: JD runs first)")
 
 
+def reset_peak_memory(device):
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+    elif os.path.exists("/proc/self/clear_refs"):
+        with open("/proc/self/clear_refs", "w") as f:  # Linux: "5" resets the peak RSS (VmHWM) to the current
+            f.write("5")
+
+
+def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, device="cpu", seed=0):
+    """Training steps of JD and of Ahuja et al. at a preset's networks, crop and batch, with E
+    (and Ahuja's D) frozen as train.py --freeze-encoder does, and trained on: the median step
+    (forward, J of Eq. 3, backward, both Adam steps) after two warm-up steps, on random images
+    and labels, and the peak memory of each configuration."""
+    cfg = preset(dataset)
+    H, W = size or (cfg["size"] if dataset == "synthetic" else (cfg["crop"], cfg["crop"]))
+    batch = batch or cfg["batch_size"]
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 3, H, W, generator=g).to(device)
+    y = torch.randint(cfg["num_classes"], (batch, H, W), generator=g).to(device)
+    out = {"dataset": dataset, "size": [H, W], "batch": batch, "steps": steps, "device": device,
+           "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda")
+           else None}
+    for decoder in ("jd", "ahuja"):
+        for frozen in (True, False):
+            torch.manual_seed(seed)
+            model = build_model({**cfg, "decoder": decoder}).to(device)
+            fixed = ([model.E] + ([model.D] if decoder == "ahuja" else [])) if frozen else []
+            for m in fixed:
+                m.requires_grad_(False)
+            main_params, aux_params = split_parameters(model)
+            optimizer = torch.optim.Adam([p for p in main_params if p.requires_grad], lr=1e-4)
+            aux_optimizer = torch.optim.Adam(aux_params, lr=1e-4)
+
+            def step():
+                model.train()
+                for m in fixed:
+                    m.eval()
+                o = model(x)
+                loss = cfg["alpha"] * cross_entropy(o["logits"], y) + \
+                    (1 - cfg["alpha"]) * entropy.bits_per_pixel(o["likelihoods"], x.numel() // 3)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                aux_optimizer.zero_grad(set_to_none=True)
+                model.hyperprior.aux_loss().backward()
+                aux_optimizer.step()
+            median_seconds([step], device, 2)  # warm-up
+            reset_peak_memory(device)
+            (step_s,) = median_seconds([step], device, steps)
+            name = f"{decoder}_{'frozen' if frozen else 'trained_on'}"
+            out.update({f"{name}_ms": 1e3 * step_s, f"{name}_peak_memory_mb": peak_memory_mb(device)})
+            del model, optimizer, aux_optimizer
+    return out
+
+
+def print_training(b):
+    where = f"{b['device']} ({b['gpu']})" if b.get("gpu") else f"{b['device']} ({b['threads']} threads)"
+    print(f"training steps, {b['dataset']} preset at {b['size'][0]}x{b['size'][1]}, batch {b['batch']}, on {where}: "
+          f"median of {b['steps']} steps after 2 warm-up steps, random weights and data")
+    print(f"{'system':22s} {'E (and D) frozen':>22s} {'trained on':>22s}")
+    for name, label in (("jd", "JD"), ("ahuja", "Ahuja et al. SD + D")):
+        cells = [f"{b[f'{name}_{r}_ms']:8.0f} ms {b[f'{name}_{r}_peak_memory_mb']:6.0f} MB" for r in ("frozen", "trained_on")]
+        print(f"{label:22s} {cells[0]:>22s} {cells[1]:>22s}")
+    print("(peak MB: " + ("torch.cuda.max_memory_allocated" if b.get("gpu") else "the process's peak resident memory "
+          "during the steps, reset before each configuration") + ")")
+
+
 def main(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--benchmark", choices=["cloud"], required=True)
+    p.add_argument("--benchmark", choices=["cloud", "train"], required=True,
+                   help="cloud: JD's and Ahuja's clouds decoding; train: their training steps, E frozen and trained on")
     p.add_argument("--dataset", default="cityscapes", choices=DATASETS, help="preset networks (data.PRESETS)")
     p.add_argument("--size", type=int, nargs=2, default=None, metavar=("H", "W"), help="input size (default: "
                    "the preset's cloud resolution)")
@@ -145,7 +221,13 @@ def main(argv):
                    "0.02-0.3 bpp)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
+    p.add_argument("--steps", type=int, default=10, help="train: timed steps (default %(default)s)")
     args = p.parse_args(argv)
-    out = benchmark_cloud(args.dataset, args.size, args.batch_size, args.repeat, args.device, args.bpp)
-    print_benchmark(out)
+    if args.benchmark == "train":
+        out = benchmark_training(args.dataset, args.size, args.batch_size if "--batch-size" in argv else None,
+                                 args.steps, args.device)
+        print_training(out)
+    else:
+        out = benchmark_cloud(args.dataset, args.size, args.batch_size, args.repeat, args.device, args.bpp)
+        print_benchmark(out)
     return out, args.json

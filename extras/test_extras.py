@@ -343,6 +343,17 @@ def test_rd_compare():
     assert jpeg[0.3, "frozen"]["feature"] == 0.5 and jpeg[0.3, ""]["feature"] == 0.72
 
 
+def test_benchmark_train():
+    """--benchmark train times a training step of JD and Ahuja et al. with E (and D) frozen and
+    trained on, and reports each configuration's peak memory."""
+    from extras.benchmark import main
+    out, _ = main(["--benchmark", "train", "--dataset", "synthetic", "--size", "32", "64", "--batch-size", "2",
+                   "--steps", "1"])
+    assert out["size"] == [32, 64] and out["batch"] == 2
+    for name in ("jd_frozen", "jd_trained_on", "ahuja_frozen", "ahuja_trained_on"):
+        assert out[f"{name}_ms"] > 0 and out[f"{name}_peak_memory_mb"] > 0
+
+
 def test_benchmark_cloud():
     """The cloud benchmark times JD (fused) and Ahuja's SD + D, entropy decoding, network and
     mask tail apart, on latents coded at about the asked rate; at the Cityscapes networks
