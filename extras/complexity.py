@@ -30,7 +30,7 @@ PAPER_COMPLEXITY = {
 }
 # (edge input, cloud input) per preset; the paper's COCO cloud numbers only fit 1024x2048
 RESOLUTIONS = {"synthetic": ((128, 256), (128, 256)), "coco": ((513, 513), (1024, 2048)),
-               "cityscapes": ((1024, 2048), (1024, 2048))}
+               "cityscapes": ((1024, 2048), (1024, 2048)), "camvid": ((360, 480), (360, 480))}
 
 
 def count_params(*modules):

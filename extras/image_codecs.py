@@ -17,7 +17,7 @@ from compressai.models import ScaleHyperprior  # noqa: E402
 from compressai.zoo.image import model_urls  # noqa: E402
 from compressai.zoo.pretrained import load_pretrained  # noqa: E402
 from data import denormalize, normalize  # noqa: E402
-from evaluate import confusion_matrix, iou, num_classes  # noqa: E402
+from evaluate import Progress, confusion_matrix, iou, num_classes  # noqa: E402
 from extras.weights import hub_file  # noqa: E402
 from model import load_checkpoint, read_weights  # noqa: E402
 
@@ -117,7 +117,9 @@ def codec_rd(model, dataset, device, codec, qualities=None, batch_size=8):
     for q in qualities or IMAGE_CODECS[codec][2]:
         cm = torch.zeros(S, S, dtype=torch.int64)
         bits = pixels = 0
+        progress = Progress(f"{codec} q={q}", len(dataset))
         for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size):
+            progress(pixels // (x.shape[-2] * x.shape[-1]))
             decoded, n_bytes = code_images(x, codec, q)
             bits, pixels = bits + 8 * n_bytes, pixels + x.shape[0] * x.shape[-2] * x.shape[-1]
             cm += confusion_matrix(model(decoded.to(device))["logits"].argmax(1), y.to(device), S)

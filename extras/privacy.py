@@ -16,7 +16,7 @@ from PIL import Image
 
 from data import val_dataset
 from entropy import HyperpriorCoder
-from evaluate import add_common_flags, evaluate, label_picture, quality, write_csv
+from evaluate import Progress, add_common_flags, evaluate, label_picture, quality, write_csv
 from extras.image_codecs import IMAGE_CODECS, add_codec_flags, code_images, use_codec_flags
 from extras.image_quality import as_shown, psnr, ssim, to_unit
 from model import E, HD, SD, SE, DistributedSegmenter, conv_bn, kaiming_init, load_checkpoint, read_checkpoint
@@ -179,6 +179,7 @@ def main(argv):
     add_common_flags(p)
     add_codec_flags(p)
     args = p.parse_args(argv)
+    Progress.quiet = args.quiet
     codecs = use_codec_flags(args)
     rows, picture = privacy(args.privacy, args.device, args.split, args.limit, args.data_root, codecs,
                             args.codec_qualities)

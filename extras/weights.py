@@ -16,6 +16,7 @@ from model import first_mismatch, read_checkpoint, read_weights
 PRETRAINED = {
     ("imagenet", "resnet50"): torchvision.models.ResNet50_Weights.IMAGENET1K_V1,
     ("imagenet", "resnet101"): torchvision.models.ResNet101_Weights.IMAGENET1K_V1,
+    ("imagenet", "resnet18-l2"): torchvision.models.ResNet18_Weights.IMAGENET1K_V1,  # its stem, layer1, layer2
     # DeepLabv3 trained on COCO reduced to the 21 VOC classes: the paper's COCO No Compression
     ("deeplabv3-coco", "resnet50"): torchvision.models.segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
     ("deeplabv3-coco", "resnet101"): torchvision.models.segmentation.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
