@@ -483,14 +483,14 @@ PRESETS = {  # setting: (synthetic, cityscapes, coco, camvid); camvid's: a 2-cor
     "codec_N": (64, 192, 192, 64),
     "codec_M": (96, 320, 320, 96),
     "alpha": (0.6, 0.9, 0.9, 0.9),  # the paper sweeps alpha without listing its values
-    "max_iters": (350, 80_000, None, 2000),  # the demo: under 5 minutes on 2 CPU cores
+    "max_iters": (450, 80_000, None, 2000),  # the demo: both stages in under 5 minutes on 2 CPU cores
     "epochs": (None, None, 42, None),  # COCO's recipe counts epochs
     "batch_size": (8, 8, 16, 8),
     "lr": (2e-3, 1e-3, 1e-2, 2e-3),
     "lr_aux": (1e-3, 1e-3, 1e-3, 1e-3),
     "crop": (0, 769, 513, 256),  # random square training crop; the synthetic scenes are not cropped
     "size": ([128, 256], None, None, None),  # synthetic scene size (H, W)
-    "eval_interval": (175, 8000, 5000, 500),
+    "eval_interval": (225, 8000, 5000, 500),
     "num_workers": (0, 4, 4, 2),
     "log_interval": (20, 50, 50, 50),
     "out_dir": ("out/synthetic", "out/cityscapes", "out/coco", "out/camvid"),
