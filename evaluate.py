@@ -222,7 +222,9 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("j
         row = {"checkpoint": path, "dataset": cfg["dataset"], "system": cfg["decoder"], "finetuned": None,
                "alpha": cfg.get("alpha") if coded else None, "K": cfg["K"] if coded else None,
                "seed": cfg.get("seed", 0), "reading": ("frozen" if cfg.get("freeze_encoder") else "trained on")
-               if cfg.get("nocomp_model") not in (None, "none") else None}  # E's start (train.py --nocomp-model)
+               if cfg.get("nocomp_model") not in (None, "none") else None,  # E's start (train.py --nocomp-model)
+               "F": cfg.get("F") if coded else None, "dilations": "-".join(map(str, cfg.get("dilations") or []))
+               if cfg["decoder"] == "jd" else None}
         if not tuned:
             rows.append({**row, "method": cfg["decoder"], "bpp_real": m["bpp_real"], "bpp_est": m["bpp_est"],
                          "miou": m["miou"]})
@@ -233,8 +235,9 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("j
     return rows
 
 
-def plot_rd(rows, path, title=""):
-    """mIoU over bpp on a log axis, as the paper's Fig. 5."""
+def plot_rd(rows, path, title="", by=None):
+    """mIoU over bpp on a log axis, as the paper's Fig. 5; with `by` (K, F or dilations: the
+    ablations, Figs. 7, 8, Suppl. Fig. 17) a curve per value of that setting and seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -242,7 +245,10 @@ def plot_rd(rows, path, title=""):
     from extras.image_codecs import IMAGE_CODECS
     styles = {"jd": ("o-", "C3", "JD (ours, Fig. 1d)"), "ahuja": ("s-", "C0", "Ahuja et al. SD + D (Fig. 1c)"),
               "jsde": ("D-", "C8", "JSDE, Torfason et al. (Fig. 1b)")}
-    for codec, colour in zip(IMAGE_CODECS, ("C2", "C4", "C5", "C1", "C6")):
+    if by:  # each value of the setting is a method of its own
+        rows = [{**r, "method": f"{r['method']}, {by} {r[by]}"} for r in rows if r.get(by) is not None]
+        styles = {m: ("o-", f"C{k}", m) for k, m in enumerate(sorted({r["method"] for r in rows}))}
+    for codec, colour in zip(IMAGE_CODECS if not by else [], ("C2", "C4", "C5", "C1", "C6")):
         styles[codec] = ("^:", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 (Fig. 1a)")
         styles[codec + "-ft"] = ("^--", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 fine-tuned")
     for method, (marker, colour, label) in styles.items():  # a curve per reading of E's start and seed
@@ -342,6 +348,7 @@ def get_args_parser():
     p.add_argument("--save-vis", default=None, metavar="DIR", help="pictures image | truth | prediction, with a legend")
     p.add_argument("--n-vis", type=int, default=4, help="how many pictures --save-vis writes")
     p.add_argument("--plot", default=None, help="RD plot (PNG) for --rd")
+    p.add_argument("--plot-by", default=None, choices=["K", "F", "dilations"], help="--rd's ablations: a curve per value")
     p.add_argument("--csv", default=None, help="RD table (CSV) for --rd")
     p.add_argument("--max-image-pixels", type=int, default=entropy.MAX_IMAGE_PIXELS,
                    help="the largest image a bitstream may declare, in pixels of h^'s 64x64 grid "
@@ -370,9 +377,9 @@ def main(args):
         print_rd_compare(rd_compare(out))
         if args.csv:
             write_csv(out, args.csv, ["checkpoint", "dataset", "system", "finetuned", "method", "reading", "alpha", "K",
-                                      "seed", "quality", "bpp_real", "bpp_est", "miou"])
+                                      "F", "dilations", "seed", "quality", "bpp_real", "bpp_est", "miou"])
         if args.plot:
-            plot_rd(out, args.plot, f"{out[0]['dataset']}, {args.split} set")
+            plot_rd(out, args.plot, f"{out[0]['dataset']}, {args.split} set", args.plot_by)
             print(f"wrote {args.plot}")
         return out
     if not args.ckpt:
