@@ -192,7 +192,9 @@ if batch < 2:
     sys.exit("each process needs a batch of at least 2: BatchNorm after ASPP's global pooling "
              "sees one value per channel and image")
 
-if master:  # a place to write, checked before any training
+
+def check_out_dir():
+    """A place to write, checked before any training."""
     try:
         os.makedirs(args.out_dir, exist_ok=True)
         with open(os.path.join(args.out_dir, ".write_test"), "w"):
@@ -200,6 +202,7 @@ if master:  # a place to write, checked before any training
         os.remove(os.path.join(args.out_dir, ".write_test"))
     except OSError as e:
         sys.exit(f"--out-dir {args.out_dir}: cannot write there ({e.strerror or e})")
+
 
 # -----------------------------------------------------------------------------
 # stage 1: the No Compression model that JD and Ahuja et al. start from. The demo trains its own
@@ -215,6 +218,7 @@ if args.nocomp_model not in (None, "none", "deeplabv3-coco") and not os.path.isf
         v = cli.get(k)
         make += [] if v is None or v is False else [f"--{k.replace('_', '-')}"] + \
             ([] if v is True else [str(x) for x in (v if isinstance(v, list) else [v])])
+    check_out_dir()
     print(f"stage 1: the No Compression model, python train.py {' '.join(make)}")
     if subprocess.run([sys.executable, os.path.abspath(__file__), *make]).returncode:
         sys.exit(f"stage 1 failed: the No Compression model is not at {args.nocomp_model}")
@@ -314,6 +318,7 @@ def checkpoint():
 # training loop
 
 if master:
+    check_out_dir()
     n_params = sum(p.numel() for p in raw_model.parameters())
     print(f"{args.decoder} on {args.dataset}: {n_params / 1e6:.2f} M parameters, {world_size} process(es) "
           f"on {device}, batch {args.batch_size}, {args.max_iters} iterations from {iter_num}")
