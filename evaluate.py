@@ -155,6 +155,8 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
             return model.decompress(strings).argmax(1)  # m: the first class of the largest logit
     model.eval()
     hp = model.hyperprior
+    if hp is None:
+        raise ValueError("the No Compression model sends no bitstream: --from-bitstreams takes jd or ahuja")
     model_id, cap = hp.model_id(), max_container_bytes(hp.N, hp.M, hp.key is not None)
     S = num_classes(model)
     cm = torch.zeros(S, S, dtype=torch.int64)
@@ -348,7 +350,8 @@ def get_args_parser():
     p.add_argument("--save-vis", default=None, metavar="DIR", help="pictures image | truth | prediction, with a legend")
     p.add_argument("--n-vis", type=int, default=4, help="how many pictures --save-vis writes")
     p.add_argument("--plot", default=None, help="RD plot (PNG) for --rd")
-    p.add_argument("--plot-by", default=None, choices=["K", "F", "dilations"], help="--rd's ablations: a curve per value")
+    p.add_argument("--plot-by", default=None, choices=["K", "F", "dilations"],
+                   help="--rd's ablations: a curve per value")
     p.add_argument("--csv", default=None, help="RD table (CSV) for --rd")
     p.add_argument("--max-image-pixels", type=int, default=entropy.MAX_IMAGE_PIXELS,
                    help="the largest image a bitstream may declare, in pixels of h^'s 64x64 grid "

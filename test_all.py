@@ -862,6 +862,8 @@ def test_bitstreams_on_disk(ckpts, tmp_path, monkeypatch):
     proc = run_script("evaluate.py", "--ckpt", str(tmp_path.parent / "other.pt"), "--from-bitstreams",
                       str(tmp_path), check=False)
     assert proc.returncode != 0 and "error: no bitstream in" in proc.stdout  # none decodes: exit non-zero
+    proc = run_script("evaluate.py", "--ckpt", ckpts["none"], "--from-bitstreams", str(tmp_path), check=False)
+    assert proc.returncode != 0 and "sends no bitstream" in proc.stdout and "Traceback" not in proc.stdout
     monkeypatch.undo()
     key, keyed = tmp_path.parent / "key", str(tmp_path.parent / "keyed")
     key.write_bytes(os.urandom(32))

@@ -201,7 +201,8 @@ def print_training(b):
           f"median of {b['steps']} steps after 2 warm-up steps, random weights and data")
     print(f"{'system':22s} {'E (and D) frozen':>22s} {'trained on':>22s}")
     for name, label in (("jd", "JD"), ("ahuja", "Ahuja et al. SD + D")):
-        cells = [f"{b[f'{name}_{r}_ms']:8.0f} ms {b[f'{name}_{r}_peak_memory_mb']:6.0f} MB" for r in ("frozen", "trained_on")]
+        cells = [f"{b[f'{name}_{r}_ms']:8.0f} ms {b[f'{name}_{r}_peak_memory_mb']:6.0f} MB"
+                 for r in ("frozen", "trained_on")]
         print(f"{label:22s} {cells[0]:>22s} {cells[1]:>22s}")
     print("(peak MB: " + ("torch.cuda.max_memory_allocated" if b.get("gpu") else "the process's peak resident memory "
           "during the steps, reset before each configuration") + ")")

@@ -54,7 +54,8 @@ def rd_compare(rows):
                 for reading in sorted({reading for reading, _ in groups}):
                     best = max((r["miou"] for r in coders if r["bpp_real"] <= bpp
                                 and (r.get("reading") or "") == reading), default=None)
-                    out["feature_vs_codec"][method].append({"bpp": bpp, "codec": miou, "reading": reading, "feature": best,
+                    out["feature_vs_codec"][method].append({"bpp": bpp, "codec": miou, "reading": reading,
+                                                            "feature": best,
                                                             "margin": None if best is None else best - miou})
     return out
 

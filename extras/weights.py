@@ -140,7 +140,8 @@ def load_nocomp(model, args):
         differ = [f"{k} {cfg.get(k)} (this run: {v})" for k, v in [("decoder", "none"), ("dataset", args.dataset),
                                                                     ("encoder", args.encoder)] if cfg.get(k) != v]
         if differ:
-            raise ValueError(f"{path} is not a No Compression model of this run's data and encoder: {'; '.join(differ)}")
+            raise ValueError(f"{path} is not a No Compression model of this run's data and encoder: "
+                             f"{'; '.join(differ)}")
     load_encoder_weights(model.E, path)
     if args.decoder == "ahuja" and not load_deeplab_head(model.D, path):
         raise ValueError(f"{path} has no DeepLabv3 head for Ahuja et al.'s D")
