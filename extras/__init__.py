@@ -8,6 +8,7 @@ from it inside the modes that need it.
     jsde.py             Fig. 1b: Torfason et al.'s JSDE on that codec, train.py --decoder jsde
     privacy.py          the data-protection test: an attacker's image decoder, evaluate.py --privacy
     image_quality.py    255^2 MSE, PSNR, SSIM for the clouds that rebuild images
+    pictures.py         Fig. 6's pictures (evaluate.py --save-vis), the attack's layout
     rd_claims.py        the paper's RD claims as numbers, printed by evaluate.py --rd
     complexity.py       Tables 2 and 4 counted: evaluate.py --complexity
     fast_cloud.py       the deployed cloud's fast path (the same masks): evaluate.py --fast, the benchmark

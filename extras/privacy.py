@@ -16,8 +16,9 @@ from PIL import Image
 
 from data import val_dataset
 from entropy import HyperpriorCoder
-from evaluate import Progress, add_common_flags, evaluate, label_picture, quality, write_csv
+from evaluate import Progress, add_common_flags, evaluate, quality, write_csv
 from extras.image_codecs import IMAGE_CODECS, add_codec_flags, code_images, use_codec_flags
+from extras.pictures import label_picture
 from extras.image_quality import as_shown, psnr, ssim, to_unit
 from model import E, HD, SD, SE, DistributedSegmenter, conv_bn, kaiming_init, load_checkpoint, read_checkpoint
 
