@@ -148,11 +148,12 @@ def reset_peak_memory(device):
             f.write("5")
 
 
-def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, device="cpu", seed=0):
+def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, device="cpu", seed=0, Ks=None):
     """Training steps of JD and of Ahuja et al. at a preset's networks, crop and batch, with E
     (and Ahuja's D) frozen as train.py --freeze-encoder does, and trained on: the median step
     (forward, J of Eq. 3, backward, both Adam steps) after two warm-up steps, on random images
-    and labels, and the peak memory of each configuration."""
+    and labels, and the peak memory of each configuration. With Ks: JD at each K instead (Fig. 8's
+    training cost; the deployed cloud is the same for every K, evaluate.py --complexity --K)."""
     cfg = preset(dataset)
     H, W = size or (cfg["size"] if dataset == "synthetic" else (cfg["crop"], cfg["crop"]))
     batch = batch or cfg["batch_size"]
@@ -162,10 +163,12 @@ def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, dev
     out = {"dataset": dataset, "size": [H, W], "batch": batch, "steps": steps, "device": device,
            "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda")
            else None}
-    for decoder in ("jd", "ahuja"):
+    systems = [(f"jd_K{K}", "jd", {"K": K}) for K in Ks] if Ks else [("jd", "jd", {}), ("ahuja", "ahuja", {})]
+    out["systems"] = [name for name, _, _ in systems]
+    for system, decoder, change in systems:
         for frozen in (True, False):
             torch.manual_seed(seed)
-            model = build_model({**cfg, "decoder": decoder}).to(device)
+            model = build_model({**cfg, "decoder": decoder, **change}).to(device)
             fixed = ([model.E] + ([model.D] if decoder == "ahuja" else [])) if frozen else []
             for m in fixed:
                 m.requires_grad_(False)
@@ -189,7 +192,7 @@ def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, dev
             median_seconds([step], device, 2)  # warm-up
             reset_peak_memory(device)
             (step_s,) = median_seconds([step], device, steps)
-            name = f"{decoder}_{'frozen' if frozen else 'trained_on'}"
+            name = f"{system}_{'frozen' if frozen else 'trained_on'}"
             out.update({f"{name}_ms": 1e3 * step_s, f"{name}_peak_memory_mb": peak_memory_mb(device)})
             del model, optimizer, aux_optimizer
     return out
@@ -200,7 +203,9 @@ def print_training(b):
     print(f"training steps, {b['dataset']} preset at {b['size'][0]}x{b['size'][1]}, batch {b['batch']}, on {where}: "
           f"median of {b['steps']} steps after 2 warm-up steps, random weights and data")
     print(f"{'system':22s} {'E (and D) frozen':>22s} {'trained on':>22s}")
-    for name, label in (("jd", "JD"), ("ahuja", "Ahuja et al. SD + D")):
+    labels = {"jd": "JD", "ahuja": "Ahuja et al. SD + D"}
+    for name in b.get("systems", ["jd", "ahuja"]):
+        label = labels.get(name, name.replace("jd_", "JD, "))
         cells = [f"{b[f'{name}_{r}_ms']:8.0f} ms {b[f'{name}_{r}_peak_memory_mb']:6.0f} MB"
                  for r in ("frozen", "trained_on")]
         print(f"{label:22s} {cells[0]:>22s} {cells[1]:>22s}")
@@ -223,10 +228,11 @@ def main(argv):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--steps", type=int, default=10, help="train: timed steps (default %(default)s)")
+    p.add_argument("--K", type=int, nargs="+", default=None, help="train: JD at each of these K instead (Fig. 8)")
     args = p.parse_args(argv)
     if args.benchmark == "train":
         out = benchmark_training(args.dataset, args.size, args.batch_size if "--batch-size" in argv else None,
-                                 args.steps, args.device)
+                                 args.steps, args.device, Ks=args.K)
         print_training(out)
     else:
         out = benchmark_cloud(args.dataset, args.size, args.batch_size, args.repeat, args.device, args.bpp)

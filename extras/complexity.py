@@ -5,6 +5,7 @@ preset's networks and the paper's resolutions (torch.utils.flop_counter on the m
 memory, no arithmetic).
 
     python evaluate.py --complexity --dataset cityscapes [--K 3] [--json c.json]
+    python evaluate.py --complexity --dataset cityscapes --F 64 128 256 512 --K 0 3   # Fig. 7's x-axis
 """
 import argparse
 
@@ -104,6 +105,46 @@ def complexity(dataset, K=None):
     return out
 
 
+def jd_widths(dataset, Fs, Ks):
+    """Fig. 7's complexity axis: JD's cloud (hyperprior decoder HD + JD) at each ASPP width F and
+    repetitions K, in training and deployed (fused), at the preset's cloud resolution; Ahuja et
+    al.'s SD + D at the preset's F for reference. One row per (F, K)."""
+    cfg = preset(dataset)
+    ch, cw = RESOLUTIONS[dataset][1]
+    rows = []
+    with torch.device("meta"):
+        N = build_model({**cfg, "decoder": "jd"}).hyperprior.N
+        r_hat = torch.empty(1, N, *entropy.latent_size((ch, cw)))
+        h_hat = torch.empty(1, N, *entropy.hyper_size((ch, cw)))
+
+        def cloud(model):
+            return count_gmacs(lambda r, h: (model.hyperprior.HD(h), model.cloud(r, (ch, cw))), r_hat, h_hat)
+        ahuja = build_model({**cfg, "decoder": "ahuja"}).eval()
+        ref = {"ahuja_params": count_params(ahuja.hyperprior, ahuja.SD, ahuja.D), "ahuja_gmacs": cloud(ahuja)}
+        for F in Fs:
+            for K in Ks:
+                jd = build_model({**cfg, "decoder": "jd", "F": F, "K": K}).eval()
+                deployed = reparameterize(jd)
+                rows.append({"dataset": dataset, "F": F, "K": K, "cloud_resolution": [ch, cw],
+                             "jd_train_params": count_params(jd.hyperprior, jd.JD), "jd_train_gmacs": cloud(jd),
+                             "jd_params": count_params(deployed.hyperprior, deployed.JD),
+                             "jd_gmacs": cloud(deployed), **ref})
+    return rows
+
+
+def print_widths(rows):
+    r0 = rows[0]
+    print(f"{r0['dataset']}: JD's cloud (HD + JD) by ASPP width F and repetitions K at "
+          f"{r0['cloud_resolution'][0]}x{r0['cloud_resolution'][1]}; Ahuja et al. SD + D: "
+          f"{r0['ahuja_params'] / 1e6:.2f} M params, {r0['ahuja_gmacs']:.1f} GMACs")
+    print(f"{'F':>5s} {'K':>3s} {'training M':>11s} {'GMACs':>8s} {'deployed M':>11s} {'GMACs':>8s} "
+          f"{'% of SD+D params':>17s} {'GMACs':>7s}")
+    for r in rows:
+        print(f"{r['F']:5d} {r['K']:3d} {r['jd_train_params'] / 1e6:11.2f} {r['jd_train_gmacs']:8.2f} "
+              f"{r['jd_params'] / 1e6:11.2f} {r['jd_gmacs']:8.2f} {100 * r['jd_params'] / r['ahuja_params']:16.2f}% "
+              f"{100 * r['jd_gmacs'] / r['ahuja_gmacs']:6.2f}%")
+
+
 def print_complexity(c):
     paper = PAPER_COMPLEXITY.get(c["dataset"], {})  # the paper has no numbers for the demo
     print(f"{c['dataset']}: edge input {c['edge_resolution'][0]}x{c['edge_resolution'][1]}, "
@@ -135,9 +176,17 @@ def main(argv):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--complexity", action="store_true", required=True)
     p.add_argument("--dataset", default="cityscapes", choices=DATASETS, help="preset networks (data.PRESETS)")
-    p.add_argument("--K", type=int, default=None, help="over-parameterization repetitions (default: the preset's)")
+    p.add_argument("--K", type=int, nargs="+", default=None,
+                   help="over-parameterization repetitions (default: the preset's); several: JD's table by F and K")
+    p.add_argument("--F", type=int, nargs="+", default=None, help="JD's ASPP widths: JD's table by F and K (Fig. 7)")
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     args = p.parse_args(argv)
+    if args.F or (args.K and len(args.K) > 1):
+        cfg = preset(args.dataset)
+        rows = jd_widths(args.dataset, args.F or [cfg["F"]], args.K or [cfg["K"]])
+        print_widths(rows)
+        return rows, args.json
+    args.K = args.K[0] if args.K else None
     out = complexity(args.dataset, args.K)
     print_complexity(out)
     return out, args.json

@@ -23,7 +23,7 @@ from data import SYNTHETIC_CLASSES, SyntheticStreets, preset, val_dataset
 from entropy import HyperpriorCoder
 from extras import image_codecs
 from extras.benchmark import benchmark_cloud
-from extras.complexity import complexity
+from extras.complexity import complexity, jd_widths
 from extras.fast_cloud import (FastHyperpriorCoder, conv3x3_float64, low_res_logits, masks, segment, speed_up,
                                upsampled_masks)
 from extras.image_codecs import code_image, codec_rd, image_codec_format
@@ -57,6 +57,18 @@ def test_complexity_ratios_coco():
     # Fig. 1b's JSDE: Tables 2 and 4's parameter counts within 1 %
     assert c["jsde_edge_params"] == pytest.approx(8.31e6, rel=0.01)
     assert c["jsde_cloud_params"] == pytest.approx(43.23e6, rel=0.01) and c["jsde_cloud_gmacs"] > 0
+
+
+def test_complexity_by_width_and_K():
+    """Fig. 7/8's complexity axis: the deployed cloud is the same for every K (fusion is free),
+    training-time JD grows with K, and the cloud grows with F; the paper's Cityscapes JD (F 512)
+    is its Table 2's 4.92 M parameters."""
+    rows = jd_widths("cityscapes", [64, 512], [0, 3])
+    by = {(r["F"], r["K"]): r for r in rows}
+    for F in (64, 512):
+        assert by[F, 0]["jd_params"] == by[F, 3]["jd_params"] < by[F, 3]["jd_train_params"]
+        assert by[F, 0]["jd_gmacs"] == by[F, 3]["jd_gmacs"] < by[F, 3]["jd_train_gmacs"]
+    assert by[64, 0]["jd_params"] < by[512, 0]["jd_params"] == pytest.approx(4.92e6, rel=0.01)
 
 
 @pytest.mark.parametrize("hd", ["jd", "codec"])
