@@ -26,8 +26,8 @@ What the model and the image size determine is not sent: the channels, the laten
 At 128x256 the header is 11 bytes (0.0027 bpp); keyed, 23 (0.0056 bpp).
 
 Every string is hostile until proven otherwise: it is decoded or refused with a ValueError
-that says why, its work bounded by its declared image size (check_image_size), the header
-checked before the payload is read (the rANS checks: extras/bitstream_guard.py).
+that says why, its work bounded by its declared image size, the header checked before the
+payload is read (extras/bitstream_guard.py: unpack, and the rANS checks).
 What the CRC protects against: accidental damage (a cut, an extension, flipped bits) and
 strings of another model. What it does not: a forger. A CRC is linear, so one captured
 string gives away the model id, and a forger can then write strings that this decoder
@@ -55,7 +55,7 @@ MAGIC = 0xD0  # high nibble of the format byte: "DSSJ" (Distributed Semantic Seg
 VERSION = 3
 STREAM_SYMBOLS = 2**17  # b_r is cut into rANS streams of at most this many symbols (docstring)
 MAX_IMAGE_PIXELS = 2048 * 4096  # the largest image a string may declare, counted on h^'s grid
-#                                  (check_image_size); 4x a Cityscapes frame; evaluate.py --max-image-pixels
+#                                  (bitstream_guard.check_image_size); 4x a Cityscapes frame
 KEYED = 0x08  # bit 3 of the format byte: the check value is a keyed MAC (docstring)
 MAC_BYTES = 16  # HMAC-SHA256 cut to 128 bits
 
@@ -155,7 +155,7 @@ class HyperpriorCoder(nn.Module):
         if r.shape[-2:] != latent_size(image_size) or h.shape[-2:] != hyper_size(image_size):
             raise ValueError(f"latents {tuple(r.shape[-2:])} and {tuple(h.shape[-2:])} do not fit an image of "
                              f"{tuple(image_size)}: the container assumes an encoder of stride 16 and 64")
-        check_image_size(image_size)  # what no cloud would decode is not sent
+        guard().check_image_size(image_size)  # what no cloud would decode is not sent
         eb, gc = self.entropy_bottleneck, self.gaussian_conditional
         medians = eb._get_medians().detach().reshape(1, -1, 1, 1)
         symbols_h = torch.round(h - medians)  # CompressAI's "symbols" quantization of h
@@ -175,7 +175,7 @@ class HyperpriorCoder(nn.Module):
     def decompress(self, strings):
         """B containers (bytes) of equal image size -> r^ (B, M, H/16, W/16), (H, W)."""
         model_id = self.model_id()
-        fields = [unpack(s, model_id, self.N, self.M, self.key) for s in strings]  # header checks before any decoding
+        fields = [guard().unpack(s, model_id, self.N, self.M, self.key) for s in strings]  # checks before decoding
         sizes = {f["image_size"] for f in fields}
         if len(sizes) != 1:
             raise ValueError(f"cannot batch strings of different image sizes {sorted(sizes)}; "
@@ -256,19 +256,6 @@ def rans_encode(entropy_model, symbols, indexes):
 # the container
 
 
-def check_image_size(image_size):
-    """The work a string can ask of the cloud follows from the image size its header declares:
-    the image, padded to whole 64 x 64 cells of h^'s grid, must have at most MAX_IMAGE_PIXELS = P
-    pixels. That bounds the mask's pixels by P, r^'s positions by P/256 and h^'s by P/4096, those
-    of the largest legal image whatever its shape (a 1 x P image would have 16x the positions of
-    h^ of a 2048 x 4096 one, and 16x its decoding time)."""
-    (H, W), (hh, hw) = image_size, hyper_size(image_size)
-    if not (1 <= H < 2**21 and 1 <= W < 2**21 and 4096 * hh * hw <= MAX_IMAGE_PIXELS):
-        raise ValueError(f"a {H}x{W} image, {64 * hh}x{64 * hw} on h^'s grid of 64x64 cells: the container "
-                         f"takes 1 to {MAX_IMAGE_PIXELS} pixels on that grid (entropy.MAX_IMAGE_PIXELS, "
-                         "evaluate.py --max-image-pixels)")
-
-
 def varint(n):
     """Unsigned LEB128: 7 bits a byte, low bits first, high bit set on all but the last byte."""
     out = bytearray()
@@ -277,21 +264,6 @@ def varint(n):
         n >>= 7
         if not n:
             return bytes(out)
-
-
-def read_varint(data, pos, name):
-    """(value, next position) of a varint of at most 3 bytes (< 2^21) at data[pos], in its one
-    (shortest) encoding, so that one set of masks has one string."""
-    value = 0
-    for k in range(3):
-        if pos + k >= len(data):
-            raise ValueError(f"truncated bitstream: the header ends inside {name}")
-        value |= (data[pos + k] & 0x7F) << (7 * k)
-        if not data[pos + k] & 0x80:
-            if k and not data[pos + k]:
-                raise ValueError(f"malformed header: {name} has a redundant zero byte (not the shortest varint)")
-            return value, pos + k + 1
-    raise ValueError(f"malformed header: {name} is longer than 3 bytes")
 
 
 def check_value(model_id, head, payload, key=None):
@@ -311,58 +283,3 @@ def pack(b_h, b_r, image_size, model_id, key=None):
     head += varint(image_size[0]) + varint(image_size[1]) + b"".join(varint(len(b)) for b in [b_h, *b_r[:-1]])
     payload = b_h + b"".join(b_r)
     return head + check_value(model_id, head, payload, key) + payload
-
-
-def unpack(data, model_id, N, M, key=None):
-    """Parse and check one container for the model `model_id` whose h has N channels and r has
-    M; raises ValueError naming what is wrong. Nothing is decoded here; the header is checked
-    before the rest of the string is read, and the payload is copied once, if at all."""
-    if not isinstance(data, (bytes, bytearray)):
-        raise ValueError(f"expected bytes, got {type(data).__name__}")
-    if len(data) < 2:
-        raise ValueError(f"truncated bitstream: {len(data)} bytes")
-    if data[0] & 0xF0 != MAGIC:
-        raise ValueError(f"not a DSSJ bitstream (format byte {data[0]:#04x}, expected {MAGIC | VERSION:#04x})")
-    if data[0] & 0x07 != VERSION:
-        raise ValueError(f"bitstream format version {data[0] & 0x07}; this decoder reads version {VERSION}")
-    if bool(data[0] & KEYED) != (key is not None):
-        raise ValueError("bitstream is keyed: decode it with the key file it was written with (--key-file)"
-                         if key is None else "bitstream is not keyed, and this decoder takes only strings "
-                         "made with its key file")
-    if data[1] != model_id & 0xFF:
-        raise ValueError(f"bitstream was written by another model (model tag {data[1]:02x}, this decoder's is "
-                         f"{model_id & 0xFF:02x}): decode it with the checkpoint that encoded it")
-    H, pos = read_varint(data, 2, "the image height")
-    W, pos = read_varint(data, pos, "the image width")
-    try:  # before k, the lengths' count, depends on them
-        check_image_size((H, W))
-    except ValueError as e:
-        raise ValueError(f"bitstream declares {e}") from None
-    names = ["b_h"] + [f"b_r stream {c + 1}" for c in range(r_streams(M, (H, W)) - 1)]
-    lengths = []  # of b_h and of each b_r stream but the last
-    for name in names:
-        n, pos = read_varint(data, pos, f"the length of {name}")
-        lengths.append(n)
-    end = pos + (MAC_BYTES if key is not None else 4)
-    longest = end + 4 * (M * math.prod(latent_size((H, W))) + N * math.prod(hyper_size((H, W))))
-    if len(data) > longest:  # no encoder writes more than 4 bytes a symbol (extras/bitstream_guard.py)
-        raise ValueError(f"bitstream of {len(data)} bytes is longer than any of a {H}x{W} image ({longest})")
-    if len(data) < end:
-        raise ValueError(f"truncated bitstream: {len(data)} bytes, the header alone is {end}")
-    data = bytes(data)  # no copy of bytes
-    payload = memoryview(data)[end:]
-    if not hmac.compare_digest(check_value(model_id, data[:pos], payload, key), data[pos:end]):
-        raise ValueError("corrupted bitstream: the check value does not match (damaged, cut or extended in "
-                         "transit" + (", or not made with this key)" if key is not None else ")"))
-    # a valid CRC says only that the sender knows our model id (docstring): the rest is checked too
-    streams, start = [], 0
-    for name, n in zip(names, lengths):
-        if start + n > len(payload):
-            raise ValueError(f"malformed header: {name} of {n} bytes, but {len(payload) - start} bytes of "
-                             "payload are left")
-        streams.append(bytes(payload[start:start + n]))
-        start += n
-    streams.append(bytes(payload[start:]))  # the last b_r stream: the rest
-    for name, b in zip(["b_h"] + ["b_r"] * (len(streams) - 1), streams):
-        guard().check_payload_length(name, b)
-    return {"image_size": (H, W), "b_h": streams[0], "b_r": streams[1:]}

@@ -146,7 +146,7 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
     the image its name points to. A file that is corrupt, foreign, or written by another
     model is reported by name and skipped, never decoded into garbage. fast: the model gets
     the fast forwards of extras/fast_cloud.py and decodes through its segment (the same masks)."""
-    from extras.bitstream_guard import max_container_bytes  # the largest legal file: read no more
+    from extras.bitstream_guard import max_container_bytes, unpack  # the largest legal file: read no more
     if fast:
         from extras.fast_cloud import segment, speed_up
         speed_up(model)
@@ -181,7 +181,7 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
             if len(data) > cap:
                 raise ValueError(f"more than {cap} bytes: larger than any bitstream of this model")
             _, y = dataset[i]
-            size = entropy.unpack(data, model_id, hp.N, hp.M, hp.key)["image_size"]  # every check, no decoding
+            size = unpack(data, model_id, hp.N, hp.M, hp.key)["image_size"]  # every check, no decoding
             if size != tuple(y.shape):
                 raise ValueError(f"declares a {size[0]}x{size[1]} image, but image {i} is {y.shape[0]}x{y.shape[1]}")
             pred = segment(model, [data])[0]

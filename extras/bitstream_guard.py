@@ -1,10 +1,12 @@
 """
-The hostile-input checks of the bitstream container (entropy.py): what keeps CompressAI's rANS
-coder, which has no bounds checks, from crashing, hanging or reading past its buffer on any
-latent the edge may produce and on any byte string the cloud may receive. entropy.py calls
-them at each step; a string is then decoded or refused with a ValueError that says why, in
-bounded time and memory (tested by a fuzz in a subprocess, extras/test_extras.py).
+The hostile-input checks of the bitstream container (entropy.py): the reading of its header, and
+what keeps CompressAI's rANS coder, which has no bounds checks, from crashing, hanging or reading
+past its buffer on any latent the edge may produce and on any byte string the cloud may receive.
+entropy.py calls them at each step; a string is then decoded or refused with a ValueError that
+says why, in bounded time and memory (tested by a fuzz in a subprocess, extras/test_extras.py).
 
+    check_image_size       the work a header may declare: its image size, bounded
+    unpack                 the header and check value, checked before any decoding
     check_codable          the encoder takes only symbols it can code exactly
     check_payload_length   a payload is whole 32-bit words, at least 8 bytes (as rANS writes)
     rans_decode            decoding inside a zero-padded buffer we own, then re-encoding
@@ -12,6 +14,9 @@ bounded time and memory (tested by a fuzz in a subprocess, extras/test_extras.py
     read_key               the shared secret of the keyed mode
     main                   what strings of each declared size cost the cloud, side by side
 """
+import hmac
+import math
+
 import numpy as np
 import torch
 
@@ -19,6 +24,94 @@ import entropy
 
 LATENT_LIMIT = 2**20  # |symbol| beyond this is refused: CompressAI's escape coding of a value
 #                       needs n_bypass * 4 < 32 bits, or its encoder loops forever
+
+
+# -----------------------------------------------------------------------------
+# reading a container: every check before any decoding
+
+
+def check_image_size(image_size):
+    """The work a string can ask of the cloud follows from the image size its header declares:
+    the image, padded to whole 64 x 64 cells of h^'s grid, must have at most P = entropy.MAX_IMAGE_PIXELS
+    pixels. That bounds the mask's pixels by P, r^'s positions by P/256 and h^'s by P/4096, those
+    of the largest legal image whatever its shape (a 1 x P image would have 16x the positions of
+    h^ of a 2048 x 4096 one, and 16x its decoding time)."""
+    (H, W), (hh, hw) = image_size, entropy.hyper_size(image_size)
+    if not (1 <= H < 2**21 and 1 <= W < 2**21 and 4096 * hh * hw <= entropy.MAX_IMAGE_PIXELS):
+        raise ValueError(f"a {H}x{W} image, {64 * hh}x{64 * hw} on h^'s grid of 64x64 cells: the container "
+                         f"takes 1 to {entropy.MAX_IMAGE_PIXELS} pixels on that grid (entropy.MAX_IMAGE_PIXELS, "
+                         "evaluate.py --max-image-pixels)")
+
+
+def read_varint(data, pos, name):
+    """(value, next position) of a varint of at most 3 bytes (< 2^21) at data[pos], in its one
+    (shortest) encoding, so that one set of masks has one string."""
+    value = 0
+    for k in range(3):
+        if pos + k >= len(data):
+            raise ValueError(f"truncated bitstream: the header ends inside {name}")
+        value |= (data[pos + k] & 0x7F) << (7 * k)
+        if not data[pos + k] & 0x80:
+            if k and not data[pos + k]:
+                raise ValueError(f"malformed header: {name} has a redundant zero byte (not the shortest varint)")
+            return value, pos + k + 1
+    raise ValueError(f"malformed header: {name} is longer than 3 bytes")
+
+
+def unpack(data, model_id, N, M, key=None):
+    """Parse and check one container for the model `model_id` whose h has N channels and r has
+    M; raises ValueError naming what is wrong. Nothing is decoded here; the header is checked
+    before the rest of the string is read, and the payload is copied once, if at all."""
+    if not isinstance(data, (bytes, bytearray)):
+        raise ValueError(f"expected bytes, got {type(data).__name__}")
+    if len(data) < 2:
+        raise ValueError(f"truncated bitstream: {len(data)} bytes")
+    if data[0] & 0xF0 != entropy.MAGIC:
+        raise ValueError(f"not a DSSJ bitstream (format byte {data[0]:#04x}, expected "
+                         f"{entropy.MAGIC | entropy.VERSION:#04x})")
+    if data[0] & 0x07 != entropy.VERSION:
+        raise ValueError(f"bitstream format version {data[0] & 0x07}; this decoder reads version {entropy.VERSION}")
+    if bool(data[0] & entropy.KEYED) != (key is not None):
+        raise ValueError("bitstream is keyed: decode it with the key file it was written with (--key-file)"
+                         if key is None else "bitstream is not keyed, and this decoder takes only strings "
+                         "made with its key file")
+    if data[1] != model_id & 0xFF:
+        raise ValueError(f"bitstream was written by another model (model tag {data[1]:02x}, this decoder's is "
+                         f"{model_id & 0xFF:02x}): decode it with the checkpoint that encoded it")
+    H, pos = read_varint(data, 2, "the image height")
+    W, pos = read_varint(data, pos, "the image width")
+    try:  # before k, the lengths' count, depends on them
+        check_image_size((H, W))
+    except ValueError as e:
+        raise ValueError(f"bitstream declares {e}") from None
+    names = ["b_h"] + [f"b_r stream {c + 1}" for c in range(entropy.r_streams(M, (H, W)) - 1)]
+    lengths = []  # of b_h and of each b_r stream but the last
+    for name in names:
+        n, pos = read_varint(data, pos, f"the length of {name}")
+        lengths.append(n)
+    end = pos + (entropy.MAC_BYTES if key is not None else 4)
+    longest = end + 4 * (M * math.prod(entropy.latent_size((H, W))) + N * math.prod(entropy.hyper_size((H, W))))
+    if len(data) > longest:  # no encoder writes more than 4 bytes a symbol (rans_decode)
+        raise ValueError(f"bitstream of {len(data)} bytes is longer than any of a {H}x{W} image ({longest})")
+    if len(data) < end:
+        raise ValueError(f"truncated bitstream: {len(data)} bytes, the header alone is {end}")
+    data = bytes(data)  # no copy of bytes
+    payload = memoryview(data)[end:]
+    if not hmac.compare_digest(entropy.check_value(model_id, data[:pos], payload, key), data[pos:end]):
+        raise ValueError("corrupted bitstream: the check value does not match (damaged, cut or extended in "
+                         "transit" + (", or not made with this key)" if key is not None else ")"))
+    # a valid CRC says only that the sender knows our model id (entropy.py): the rest is checked too
+    streams, start = [], 0
+    for name, n in zip(names, lengths):
+        if start + n > len(payload):
+            raise ValueError(f"malformed header: {name} of {n} bytes, but {len(payload) - start} bytes of "
+                             "payload are left")
+        streams.append(bytes(payload[start:start + n]))
+        start += n
+    streams.append(bytes(payload[start:]))  # the last b_r stream: the rest
+    for name, b in zip(["b_h"] + ["b_r"] * (len(streams) - 1), streams):
+        check_payload_length(name, b)
+    return {"image_size": (H, W), "b_h": streams[0], "b_r": streams[1:]}
 
 
 def check_codable(symbols, name):

@@ -21,6 +21,7 @@ from torch.nn.functional import interpolate
 import entropy
 from data import SYNTHETIC_CLASSES, SyntheticStreets, preset, val_dataset
 from entropy import HyperpriorCoder
+from extras import bitstream_guard as guard
 from extras import image_codecs
 from extras.benchmark import benchmark_cloud
 from extras.complexity import complexity, jd_widths
@@ -244,7 +245,7 @@ def test_jsde_roundtrip_through_bitstreams(tmp_path, monkeypatch):
     assert torch.equal(model.decompress(from_files), model.decompress(strings))
     monkeypatch.setattr(entropy, "STREAM_SYMBOLS", 100)  # 24 * 5 * 7 = 840 symbols: 9 streams (N's 16: 6)
     cut = model.compress(x)
-    assert len(entropy.unpack(cut[0], model.hyperprior.model_id(), model.hyperprior.N, 24)["b_r"]) == 9
+    assert len(guard.unpack(cut[0], model.hyperprior.model_id(), model.hyperprior.N, 24)["b_r"]) == 9
     assert torch.equal(model.hyperprior.decompress(cut)[0], y_hat)
     monkeypatch.undo()
     with pytest.raises(ValueError, match="another model"):
@@ -523,6 +524,7 @@ def test_resnet101_encoder_from_imagenet_cache(fake_hub, cityscapes_root, tmp_pa
 FUZZ = r"""
 import random, sys, time, torch
 import entropy
+from extras import bitstream_guard as guard
 from test_all import tiny_model
 torch.set_num_threads(1)
 entropy.STREAM_SYMBOLS = 64  # b_r in 3 rANS streams at 64x96, so that their boundaries are fuzzed too
@@ -531,7 +533,7 @@ model.hyperprior.update()
 mid = model.hyperprior.model_id()
 x = torch.randn(2, 3, 64, 96)
 valid = model.compress(x)
-fields = [entropy.unpack(s, mid, 8, 8) for s in valid]
+fields = [guard.unpack(s, mid, 8, 8) for s in valid]
 assert all(len(f["b_r"]) == 3 for f in fields)
 rng = random.Random(0)
 def rand(n):
@@ -572,7 +574,7 @@ t0 = time.time()
 for s in mutations():
     try:
         out = model.decompress([s])
-        size = entropy.unpack(s, mid, 8, 8)["image_size"]
+        size = guard.unpack(s, mid, 8, 8)["image_size"]
         assert out.shape == (1, 5, *size), out.shape
         decoded += 1
     except ValueError as e:
@@ -604,7 +606,7 @@ def test_payload_lengths_refused(coded):
     with them)."""
     model, x, strings = coded
     mid = model.hyperprior.model_id()
-    f = entropy.unpack(strings[0], mid, model.hyperprior.N, model.hyperprior.M)
+    f = guard.unpack(strings[0], mid, model.hyperprior.N, model.hyperprior.M)
     r0 = f["b_r"][0]
     for b_h, b_r in [(b"", b""), (f["b_h"], b""), (b"", r0), (f["b_h"], r0[:-3])]:
         s = entropy.pack(b_h, [b_r], (70, 99), mid)
