@@ -238,8 +238,8 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("j
 
 
 def plot_rd(rows, path, title="", by=None):
-    """mIoU over bpp on a log axis, as the paper's Fig. 5; with `by` (K, F or dilations: the
-    ablations, Figs. 7, 8, Suppl. Fig. 17) a curve per value of that setting and seed."""
+    """mIoU over bpp on a log axis, as Fig. 5; with `by` (some of K, F, dilations: the ablations,
+    Figs. 7, 8, Suppl. Fig. 17) a JD curve per value of those settings and seed."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -247,9 +247,11 @@ def plot_rd(rows, path, title="", by=None):
     from extras.image_codecs import IMAGE_CODECS
     styles = {"jd": ("o-", "C3", "JD (ours, Fig. 1d)"), "ahuja": ("s-", "C0", "Ahuja et al. SD + D (Fig. 1c)"),
               "jsde": ("D-", "C8", "JSDE, Torfason et al. (Fig. 1b)")}
-    if by:  # each value of the setting is a method of its own
-        rows = [{**r, "method": f"{r['method']}, {by} {r[by]}"} for r in rows if r.get(by) is not None]
-        styles = {m: ("o-", f"C{k}", m) for k, m in enumerate(sorted({r["method"] for r in rows}))}
+    if by:  # each value of JD's settings is a method of its own; Ahuja et al. for reference
+        rows = [{**r, "method": ", ".join(["JD"] + [f"{b} {r[b]}" for b in by])} if r["method"] == "jd" else r
+                for r in rows]
+        jds = sorted({r["method"] for r in rows if r["method"].startswith("JD")})
+        styles = {**{m: ("o-", f"C{k + 1}", m) for k, m in enumerate(jds)}, "ahuja": styles["ahuja"]}
     for codec, colour in zip(IMAGE_CODECS if not by else [], ("C2", "C4", "C5", "C1", "C6")):
         styles[codec] = ("^:", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 (Fig. 1a)")
         styles[codec + "-ft"] = ("^--", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 fine-tuned")
@@ -299,12 +301,10 @@ def get_args_parser():
     p.add_argument("--save-vis", default=None, metavar="DIR", help="pictures image | truth | prediction, with a legend")
     p.add_argument("--n-vis", type=int, default=4, help="how many pictures --save-vis writes")
     p.add_argument("--plot", default=None, help="RD plot (PNG) for --rd")
-    p.add_argument("--plot-by", default=None, choices=["K", "F", "dilations"],
-                   help="--rd's ablations: a curve per value")
+    p.add_argument("--plot-by", default=None, choices=["K", "F", "dilations"], nargs="+", help="--rd's ablations")
     p.add_argument("--csv", default=None, help="RD table (CSV) for --rd")
-    p.add_argument("--max-image-pixels", type=int, default=entropy.MAX_IMAGE_PIXELS,
-                   help="the largest image a bitstream may declare, in pixels of h^'s 64x64 grid "
-                   "(default %(default)s: 2048x4096)")
+    p.add_argument("--max-image-pixels", type=int, default=entropy.MAX_IMAGE_PIXELS, help="the largest image a "
+                   "bitstream may declare, in pixels of h^'s 64x64 grid (default %(default)s: 2048x4096)")
     p.add_argument("--key-file", default=None, help="a secret shared by edge and cloud: strings carry its MAC")
     from extras.image_codecs import add_codec_flags  # --image-codecs, --learned-codec, --codec-qualities
     add_codec_flags(p)

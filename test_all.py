@@ -881,7 +881,7 @@ def test_bitstreams_on_disk(ckpts, tmp_path, monkeypatch):
 def test_rd_csv_and_plot(ckpts, tmp_path):
     """--rd writes one CSV row per checkpoint, plus one per codec and quality for the
     No-Compression checkpoint (system = the codec, bpp_real from its files), and a PNG plot
-    that decodes to the figure's size; --plot-by K draws a curve per K."""
+    that decodes to the figure's size; --plot-by F K draws a curve per (F, K)."""
     csv, png = tmp_path / "rd.csv", tmp_path / "rd.png"
     run(["--rd", ckpts["jd"], ckpts["ahuja"], "--limit", "2",
                                                 "--csv", str(csv), "--plot", str(png)])
@@ -895,8 +895,8 @@ def test_rd_csv_and_plot(ckpts, tmp_path):
     assert all(float(r["bpp_real"]) > 0 for r in rows[2:])
     assert (rows[0]["K"], rows[0]["F"], rows[0]["dilations"]) == ("1", "64", "1-2-3")  # the ablations' settings
     png.unlink()
-    run(["--rd", ckpts["jd"], ckpts["ahuja"], "--limit", "2", "--plot", str(png), "--plot-by", "K"])
-    assert Image.open(png).size == (700, 450)  # a curve per K (Fig. 8)
+    run(["--rd", ckpts["jd"], ckpts["ahuja"], "--limit", "2", "--plot", str(png), "--plot-by", "F", "K"])
+    assert Image.open(png).size == (700, 450)  # a curve per F and K (Figs. 7, 8)
 
 
 def test_save_vis(ckpts, tmp_path):
