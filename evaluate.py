@@ -1,6 +1,5 @@
 """
-Evaluation: mIoU and real bits, the edge/cloud split on files, RD curves (Fig. 5); pictures (Fig. 6)
-are extras/pictures.py's.
+Evaluation: mIoU and real bits, the edge/cloud split on files, RD curves (Fig. 5), pictures (Fig. 6).
 
     python evaluate.py --ckpt out/synthetic/ckpt.pt [--json m.json]   # mIoU, per-class IoU, bpp
     python evaluate.py --ckpt out/synthetic/ckpt.pt --save-bitstreams bits/  # the edge: a file per image
@@ -298,8 +297,9 @@ def get_args_parser():
     p.add_argument("--save-bitstreams", default=None, metavar="DIR", help="run only the edge: one file per image")
     p.add_argument("--from-bitstreams", default=None, metavar="DIR", help="run only the cloud, on those files")
     p.add_argument("--fast", action="store_true", help="--from-bitstreams on extras/fast_cloud.py's path")
-    p.add_argument("--save-vis", default=None, metavar="DIR", help="pictures image | truth | prediction, with a legend")
-    p.add_argument("--n-vis", type=int, default=4, help="how many pictures --save-vis writes")
+    p.add_argument("--save-vis", default=None, metavar="DIR", help="image | truth | prediction (X.png: all in one)")
+    p.add_argument("--vis-with", nargs="+", default=None, metavar="CKPT", help="--save-vis: these models' masks too")
+    p.add_argument("--n-vis", type=int, default=4, help="how many images --save-vis draws")
     p.add_argument("--plot", default=None, help="RD plot (PNG) for --rd")
     p.add_argument("--plot-by", default=None, choices=["K", "F", "dilations"], nargs="+", help="--rd's ablations")
     p.add_argument("--csv", default=None, help="RD table (CSV) for --rd")
@@ -369,9 +369,9 @@ def main(args):
                      f"ratio {out['bpp_ratio']:.3f}")
         print(line)
     if args.save_vis:
-        from extras.pictures import save_vis
-        paths = save_vis(model, ds, full.classes, full.palette, args.save_vis, args.n_vis, args.device)
-        print(f"wrote {len(paths)} pictures to {args.save_vis}")
+        from extras.pictures import save_vis  # with --vis-with: the other models' predictions beside
+        models = [model] + [load_checkpoint(path, args.device)[0] for path in args.vis_with or []]
+        print(f"wrote {save_vis(models, ds, full.classes, full.palette, args.save_vis, args.n_vis, args.device)}")
     return out
 
 

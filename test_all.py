@@ -901,7 +901,8 @@ def test_rd_csv_and_plot(ckpts, tmp_path):
 
 def test_save_vis(ckpts, tmp_path):
     """--save-vis writes --n-vis pictures image | truth | prediction with the bpp in the name,
-    a title strip above and a legend below; the ground-truth panel is the label's colours."""
+    a title strip above and a legend below; the ground-truth panel is the label's colours. To a
+    .png with --vis-with: one picture, a row per image, a panel per model."""
     run(["--ckpt", ckpts["jd"], "--limit", "2",
                                                 "--save-vis", str(tmp_path), "--n-vis", "2"])
     names = sorted(os.listdir(tmp_path))
@@ -911,6 +912,14 @@ def test_save_vis(ckpts, tmp_path):
     _, y = SyntheticStreets("val")[0]
     palette = np.array(SyntheticStreets.palette, np.uint8)
     assert np.array_equal(picture[16:16 + 128, 256:512], palette[y.numpy()])
+    # Fig. 6's layout: one picture, a row per image, No Compression, Ahuja et al. and JD side by side
+    run(["--ckpt", ckpts["none"], "--limit", "2", "--save-vis", str(tmp_path / "fig6.png"), "--n-vis", "2",
+         "--vis-with", ckpts["ahuja"], ckpts["jd"]])
+    picture = np.asarray(Image.open(tmp_path / "fig6.png"))
+    assert picture.shape[1] == 5 * 256 and picture.shape[0] > 2 * (16 + 128) + 10
+    assert np.array_equal(picture[16:16 + 128, 256:512], palette[y.numpy()])
+    y1 = SyntheticStreets("val")[1][1]  # the second row: no legend strip above it
+    assert np.array_equal(picture[16 + 128 + 16:2 * (16 + 128), 256:512], palette[y1.numpy()])
 
 
 # -----------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """
-Fig. 6's pictures: image | ground truth | prediction decoded from the bitstream, with titles and
-a colour legend (evaluate.py --save-vis); label_picture also lays out the attack's pictures
-(extras/privacy.py).
+Fig. 6's pictures: image | ground truth | predictions decoded from the bitstreams, with titles
+and a colour legend (evaluate.py --save-vis, --vis-with); label_picture also lays out the
+attack's pictures (extras/privacy.py).
 """
 import os
 
@@ -26,7 +26,7 @@ def label_picture(panels, titles, classes=None, palette=None):
             x, y = 4, y + 14
         legend.append((x, y, name, colour))
         x += w
-    picture = Image.new("RGB", (len(panels) * W, 16 + H + y + 18), "white")
+    picture = Image.new("RGB", (len(panels) * W, 16 + H + (y + 18 if legend else 0)), "white")
     draw = ImageDraw.Draw(picture)
     for k, (panel, title) in enumerate(zip(panels, titles)):
         picture.paste(Image.fromarray(panel), (k * W, 16))
@@ -37,22 +37,46 @@ def label_picture(panels, titles, classes=None, palette=None):
     return picture
 
 
+NAMES = {"none": "No Compression", "jd": "JD", "ahuja": "Ahuja et al."}
+
+
 @torch.no_grad()
-def save_vis(model, dataset, classes, palette, out_dir, n, device):
-    """n PNGs of image | ground truth | prediction (decoded from the bitstream) with titles
-    and a colour legend; the image's bpp (real bytes) in the title and the file name."""
-    os.makedirs(out_dir, exist_ok=True)
-    paths = []
+def predict(model, x, device):
+    """(mask, bpp) of one image: decoded from its bitstream (bpp of its bytes), or No
+    Compression's (bpp None)."""
+    if model.decoder == "none":
+        return model(x[None].to(device))["logits"].argmax(1)[0].cpu().numpy(), None
+    strings = model.compress(x[None].to(device))
+    return model.decompress(strings).argmax(1)[0].cpu().numpy(), 8 * len(strings[0]) / x[0].numel()
+
+
+def save_vis(models, dataset, classes, palette, out, n, device):
+    """Pictures of the first n images: image | ground truth | each model's prediction (decoded
+    from the bitstream, its bpp in the title). `out` a directory: one PNG per image, the bpp in
+    the file name; `out` a .png: one picture, an image a row, as Fig. 6. Returns the paths."""
+    rows, paths = [], []
     for i in range(min(n, len(dataset))):
         x, y = dataset[i]
-        if model.decoder == "none":
-            logits, tag, title = model(x[None].to(device))["logits"], "nocompression", "prediction (no compression)"
-        else:
-            strings = model.compress(x[None].to(device))
-            bpp = 8 * len(strings[0]) / y.numel()
-            logits, tag, title = model.decompress(strings), f"{bpp:.4f}bpp", f"prediction from {bpp:.3f} bpp"
-        pred = logits.argmax(1)[0].cpu().numpy()
-        panels = [denormalize(x), colorize(y.numpy().clip(0, 255), palette), colorize(pred, palette)]
-        paths.append(os.path.join(out_dir, f"{i:03d}_{tag}.png"))
-        label_picture(panels, ["image", "ground truth", title], classes, palette).save(paths[-1])
+        panels, titles = [denormalize(x), colorize(y.numpy().clip(0, 255), palette)], ["image", "ground truth"]
+        for model in models:
+            pred, bpp = predict(model, x, device)
+            panels.append(colorize(pred, palette))
+            if len(models) == 1:
+                titles.append("prediction (no compression)" if bpp is None else f"prediction from {bpp:.3f} bpp")
+            else:
+                titles.append(NAMES.get(model.decoder, model.decoder) + ("" if bpp is None else f", {bpp:.3f} bpp"))
+        last = i == min(n, len(dataset)) - 1
+        rows.append(label_picture(panels, titles, classes if last or not out.endswith(".png") else None, palette))
+        if not out.endswith(".png"):
+            os.makedirs(out, exist_ok=True)
+            tag = "nocompression" if bpp is None else f"{bpp:.4f}bpp"
+            paths.append(os.path.join(out, f"{i:03d}_{tag}.png"))
+            rows.pop().save(paths[-1])
+    if out.endswith(".png"):  # the rows stacked, the legend once below them
+        picture = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
+        for k, row in enumerate(rows):
+            picture.paste(row, (0, sum(r.height for r in rows[:k])))
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        picture.save(out)
+        paths.append(out)
     return paths
