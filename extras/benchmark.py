@@ -148,21 +148,22 @@ def reset_peak_memory(device):
             f.write("5")
 
 
-def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, device="cpu", seed=0, Ks=None):
+def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, device="cpu", seed=0, Ks=None,
+                       encoder=None):
     """Training steps of JD and of Ahuja et al. at a preset's networks, crop and batch, with E
     (and Ahuja's D) frozen as train.py --freeze-encoder does, and trained on: the median step
     (forward, J of Eq. 3, backward, both Adam steps) after two warm-up steps, on random images
     and labels, and the peak memory of each configuration. With Ks: JD at each K instead (Fig. 8's
     training cost; the deployed cloud is the same for every K, evaluate.py --complexity --K)."""
-    cfg = preset(dataset)
+    cfg = {**preset(dataset), **({"encoder": encoder} if encoder else {})}
     H, W = size or (cfg["size"] if dataset == "synthetic" else (cfg["crop"], cfg["crop"]))
     batch = batch or cfg["batch_size"]
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(batch, 3, H, W, generator=g).to(device)
     y = torch.randint(cfg["num_classes"], (batch, H, W), generator=g).to(device)
-    out = {"dataset": dataset, "size": [H, W], "batch": batch, "steps": steps, "device": device,
-           "threads": torch.get_num_threads(), "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda")
-           else None}
+    out = {"dataset": dataset, "encoder": cfg["encoder"], "size": [H, W], "batch": batch, "steps": steps,
+           "device": device, "threads": torch.get_num_threads(),
+           "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
     systems = [(f"jd_K{K}", "jd", {"K": K}) for K in Ks] if Ks else [("jd", "jd", {}), ("ahuja", "ahuja", {})]
     out["systems"] = [name for name, _, _ in systems]
     for system, decoder, change in systems:
@@ -200,7 +201,8 @@ def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, dev
 
 def print_training(b):
     where = f"{b['device']} ({b['gpu']})" if b.get("gpu") else f"{b['device']} ({b['threads']} threads)"
-    print(f"training steps, {b['dataset']} preset at {b['size'][0]}x{b['size'][1]}, batch {b['batch']}, on {where}: "
+    print(f"training steps, {b['dataset']} preset ({b.get('encoder')}) at {b['size'][0]}x{b['size'][1]}, batch "
+          f"{b['batch']}, on {where}: "
           f"median of {b['steps']} steps after 2 warm-up steps, random weights and data")
     print(f"{'system':22s} {'E (and D) frozen':>22s} {'trained on':>22s}")
     labels = {"jd": "JD", "ahuja": "Ahuja et al. SD + D"}
@@ -229,10 +231,12 @@ def main(argv):
     p.add_argument("--json", default=None, help="also write the numbers to this JSON file")
     p.add_argument("--steps", type=int, default=10, help="train: timed steps (default %(default)s)")
     p.add_argument("--K", type=int, nargs="+", default=None, help="train: JD at each of these K instead (Fig. 8)")
+    p.add_argument("--encoder", default=None, choices=["resnet50", "resnet101", "resnet18-l2"],
+                   help="train: E instead of the preset's")
     args = p.parse_args(argv)
     if args.benchmark == "train":
         out = benchmark_training(args.dataset, args.size, args.batch_size if "--batch-size" in argv else None,
-                                 args.steps, args.device, Ks=args.K)
+                                 args.steps, args.device, Ks=args.K, encoder=args.encoder)
         print_training(out)
     else:
         out = benchmark_cloud(args.dataset, args.size, args.batch_size, args.repeat, args.device, args.bpp)

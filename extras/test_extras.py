@@ -358,13 +358,16 @@ def test_rd_compare():
 
 def test_benchmark_train():
     """--benchmark train times a training step of JD and Ahuja et al. with E (and D) frozen and
-    trained on, and reports each configuration's peak memory."""
+    trained on, and reports each configuration's peak memory; --K: JD at each K, --encoder: another E."""
     from extras.benchmark import main
     out, _ = main(["--benchmark", "train", "--dataset", "synthetic", "--size", "32", "64", "--batch-size", "2",
                    "--steps", "1"])
     assert out["size"] == [32, 64] and out["batch"] == 2
     for name in ("jd_frozen", "jd_trained_on", "ahuja_frozen", "ahuja_trained_on"):
         assert out[f"{name}_ms"] > 0 and out[f"{name}_peak_memory_mb"] > 0
+    out, _ = main(["--benchmark", "train", "--dataset", "synthetic", "--size", "32", "64", "--batch-size", "2",
+                   "--steps", "1", "--K", "0", "2", "--encoder", "resnet50"])  # Fig. 8's cost, another E
+    assert out["systems"] == ["jd_K0", "jd_K2"] and out["encoder"] == "resnet50" and out["jd_K2_frozen_ms"] > 0
 
 
 def test_benchmark_cloud():
