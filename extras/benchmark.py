@@ -152,7 +152,7 @@ def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, dev
                        encoder=None):
     """Training steps of JD and of Ahuja et al. at a preset's networks, crop and batch, with E
     (and Ahuja's D) frozen as train.py --freeze-encoder does, and trained on: the median step
-    (forward, J of Eq. 3, backward, both Adam steps) after two warm-up steps, on random images
+    (forward, J of Eq. 3, backward, both Adam steps) after five warm-up steps, on random images
     and labels, and the peak memory of each configuration. With Ks: JD at each K instead (Fig. 8's
     training cost; the deployed cloud is the same for every K, evaluate.py --complexity --K)."""
     cfg = {**preset(dataset), **({"encoder": encoder} if encoder else {})}
@@ -166,7 +166,9 @@ def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, dev
            "gpu": torch.cuda.get_device_name(device) if device.startswith("cuda") else None}
     systems = [(f"jd_K{K}", "jd", {"K": K}) for K in Ks] if Ks else [("jd", "jd", {}), ("ahuja", "ahuja", {})]
     out["systems"] = [name for name, _, _ in systems]
-    for system, decoder, change in systems:
+    # the first configuration twice, its first numbers overwritten: a process's first configuration
+    # ran ~25 % slower whatever its warm-up (glibc returning its memory between steps)
+    for system, decoder, change in systems[:1] + systems:
         for frozen in (True, False):
             torch.manual_seed(seed)
             model = build_model({**cfg, "decoder": decoder, **change}).to(device)
@@ -190,7 +192,7 @@ def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, dev
                 aux_optimizer.zero_grad(set_to_none=True)
                 model.hyperprior.aux_loss().backward()
                 aux_optimizer.step()
-            median_seconds([step], device, 2)  # warm-up
+            median_seconds([step], device, 5)  # warm-up
             reset_peak_memory(device)
             (step_s,) = median_seconds([step], device, steps)
             name = f"{system}_{'frozen' if frozen else 'trained_on'}"
@@ -203,7 +205,7 @@ def print_training(b):
     where = f"{b['device']} ({b['gpu']})" if b.get("gpu") else f"{b['device']} ({b['threads']} threads)"
     print(f"training steps, {b['dataset']} preset ({b.get('encoder')}) at {b['size'][0]}x{b['size'][1]}, batch "
           f"{b['batch']}, on {where}: "
-          f"median of {b['steps']} steps after 2 warm-up steps, random weights and data")
+          f"median of {b['steps']} steps after a warm-up, random weights and data")
     print(f"{'system':22s} {'E (and D) frozen':>22s} {'trained on':>22s}")
     labels = {"jd": "JD", "ahuja": "Ahuja et al. SD + D"}
     for name in b.get("systems", ["jd", "ahuja"]):
