@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 
 import entropy
-from data import val_dataset
+from data import preset, val_dataset
 from model import load_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -322,11 +322,11 @@ def main(args):
     entropy.MAX_IMAGE_PIXELS = args.max_image_pixels  # as PIL.Image.MAX_IMAGE_PIXELS
     Progress.quiet = args.quiet
     if args.rd:
-        from extras.image_codecs import use_codec_flags
-        from extras.rd_claims import print_rd_compare, rd_compare
-        out = rd_points(args.rd, args.device, args.split, args.limit, args.data_root, use_codec_flags(args),
-                        args.codec_qualities)
-        print_rd_compare(rd_compare(out))
+        from extras import image_codecs, rd_claims as claims
+        out = rd_points(args.rd, args.device, args.split, args.limit, args.data_root,
+                        image_codecs.use_codec_flags(args), args.codec_qualities)
+        claims.print_ablation_compare(claims.ablation_compare(out, args.plot_by, preset(out[0]["dataset"]))) \
+            if args.plot_by else claims.print_rd_compare(claims.rd_compare(out))  # the ablations, or Fig. 5's claims
         if args.csv:
             write_csv(out, args.csv, ["checkpoint", "dataset", "system", "finetuned", "method", "reading", "alpha", "K",
                                       "F", "dilations", "seed", "quality", "bpp_real", "bpp_est", "miou"])

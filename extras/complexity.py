@@ -140,8 +140,8 @@ def print_widths(rows):
     print(f"{'F':>5s} {'K':>3s} {'training M':>11s} {'GMACs':>8s} {'deployed M':>11s} {'GMACs':>8s} "
           f"{'% of SD+D params':>17s} {'GMACs':>7s}")
     for r in rows:
-        print(f"{r['F']:5d} {r['K']:3d} {r['jd_train_params'] / 1e6:11.2f} {r['jd_train_gmacs']:8.2f} "
-              f"{r['jd_params'] / 1e6:11.2f} {r['jd_gmacs']:8.2f} {100 * r['jd_params'] / r['ahuja_params']:16.2f}% "
+        print(f"{r['F']:5d} {r['K']:3d} {r['jd_train_params'] / 1e6:11.2f} {r['jd_train_gmacs']:8.3f} "
+              f"{r['jd_params'] / 1e6:11.2f} {r['jd_gmacs']:8.3f} {100 * r['jd_params'] / r['ahuja_params']:16.2f}% "
               f"{100 * r['jd_gmacs'] / r['ahuja_gmacs']:6.2f}%")
 
 

@@ -3,7 +3,8 @@ The paper's RD claims as numbers, from evaluate.py --rd's rows (printed by it):
 - JD against Ahuja et al. at equal real bpp (the other curve of the same seed interpolated on
   log bpp, as on Fig. 5's axis);
 - each conventional pipeline (Fig. 1a, plain or fine-tuned) and JSDE (Fig. 1b) against the best
-  feature-coding point (JD or Ahuja) that needs no more bits.
+  feature-coding point (JD or Ahuja) that needs no more bits;
+- with --plot-by, the ablations: JD by a setting against the preset's value, and the seed spread.
 """
 import math
 
@@ -79,3 +80,49 @@ def print_rd_compare(c):
             best = "no feature point at that rate" if r["feature"] is None else \
                 f"feature {r['feature']:.4f}, margin {100 * r['margin']:+.1f} points"
             print(f"  {r['bpp']:.4f} bpp: mIoU {r['codec']:.4f}; {reading_label(r['reading'])}: {best}")
+
+
+def ablation_compare(rows, by, cfg):
+    """The ablations (Figs. 7, 8, Suppl. Fig. 17) as numbers: JD's curve of each value of the
+    settings `by` (e.g. ["K"]) against the curve of the preset `cfg`'s value, per reading and
+    seed, at equal real bpp as in rd_compare (each point of one against the other curve
+    interpolated, both ways); and the seed spread of each value at each alpha."""
+    jd = [r for r in rows if r["method"] == "jd"]
+    reference = tuple("-".join(map(str, cfg[b])) if isinstance(cfg[b], (list, tuple)) else cfg[b] for b in by)
+    value = {id(r): tuple(r[b] for b in by) for r in jd}
+    out = {"by": by, "reference": reference, "vs_reference": [], "seed_spread": []}
+    for reading, seed in sorted({(r.get("reading") or "", r.get("seed", 0)) for r in jd}):
+        same = [r for r in jd if (r.get("reading") or "") == reading and r.get("seed", 0) == seed]
+        curve = {v: sorted((r["bpp_real"], r["miou"]) for r in same if value[id(r)] == v)
+                 for v in {value[id(r)] for r in same}}
+        ref = curve.get(reference, [])
+        for v, points in sorted(curve.items()):
+            if v == reference or not ref:
+                continue
+            for bpp, miou in points:  # this value's points against the reference curve
+                out["vs_reference"].append({"value": v, "reading": reading, "seed": seed, "bpp": bpp, "at": "value",
+                                            "miou": miou, "reference": miou_at(ref, bpp)})
+            for bpp, miou in ref:  # and the reference's points against this value's curve
+                out["vs_reference"].append({"value": v, "reading": reading, "seed": seed, "bpp": bpp,
+                                            "at": "reference", "miou": miou_at(points, bpp), "reference": miou})
+    for v, alpha in sorted({(value[id(r)], r["alpha"]) for r in jd}):
+        seeds = sorted((r.get("seed", 0), r["miou"], r["bpp_real"]) for r in jd
+                       if value[id(r)] == v and r["alpha"] == alpha)
+        if len(seeds) > 1:
+            out["seed_spread"].append({"value": v, "alpha": alpha, "seeds": seeds,
+                                       "spread": max(m for _, m, _ in seeds) - min(m for _, m, _ in seeds)})
+    return out
+
+
+def print_ablation_compare(c):
+    name = lambda v: ", ".join(f"{b} {x}" for b, x in zip(c["by"], v))  # noqa: E731
+    print(f"JD by {', '.join(c['by'])} against {name(c['reference'])} at equal real bpp (interpolated on log bpp):")
+    for r in c["vs_reference"]:
+        at = f"  {name(r['value'])}, {reading_label(r['reading'])}, seed {r['seed']}, {r['at']:9s} point at " \
+             f"{r['bpp']:.4f} bpp:"
+        print(f"{at} outside the other curve's rates" if r["miou"] is None or r["reference"] is None else
+              f"{at} {r['miou']:.4f} vs {r['reference']:.4f}: {100 * (r['miou'] - r['reference']):+.1f} points")
+    print("seed spread (mIoU at bpp, per seed):")
+    for r in c["seed_spread"]:
+        seeds = ", ".join(f"seed {s} {m:.4f} @ {b:.4f}" for s, m, b in r["seeds"])
+        print(f"  {name(r['value'])}, alpha {r['alpha']}: {seeds}; spread {100 * r['spread']:.1f} points")

@@ -30,7 +30,7 @@ from extras.fast_cloud import (FastHyperpriorCoder, conv3x3_float64, low_res_log
 from extras.image_codecs import code_image, codec_rd, image_codec_format
 from extras.image_quality import psnr, ssim
 from extras.learned_codec import codec_HD, load_codec_weights
-from extras.rd_claims import rd_compare
+from extras.rd_claims import ablation_compare, rd_compare
 from extras.weights import load_encoder_weights
 from evaluate import rd_points
 from model import E, HD, build_model, load_checkpoint
@@ -354,6 +354,27 @@ def test_rd_compare():
     assert [(r["at"], r["jd"], r["ahuja"]) for r in frozen] == [("jd", 0.5, None), ("ahuja", None, 0.4)]
     jpeg = {(r["bpp"], r["reading"]): r for r in c["feature_vs_codec"]["jpeg"]}
     assert jpeg[0.3, "frozen"]["feature"] == 0.5 and jpeg[0.3, ""]["feature"] == 0.72
+
+
+def test_ablation_compare():
+    """The ablations: JD's curve of each value of a setting against the preset's value's curve of
+    the same seed at equal bpp (both ways, None outside), dilations named as in the CSV, and the
+    seed spread at each alpha; Ahuja et al.'s rows take no part."""
+    rows = [dict(method="jd", K=k, dilations="1-2-3", alpha=a, seed=s, bpp_real=b, miou=m) for k, a, s, b, m in [
+        (3, 0.6, 0, 0.10, 0.65), (3, 0.9, 0, 0.40, 0.73), (0, 0.6, 0, 0.12, 0.64), (0, 0.9, 0, 0.45, 0.74),
+        (3, 0.6, 1, 0.10, 0.66), (0, 0.6, 1, 0.11, 0.63)]]
+    rows.append(dict(method="ahuja", K=3, alpha=0.6, bpp_real=0.1, miou=0.1))
+    c = ablation_compare(rows, ["K"], {"K": 3})
+    s0 = {(r["at"], r["bpp"]): r for r in c["vs_reference"] if r["seed"] == 0}
+    t = np.log(0.12 / 0.10) / np.log(0.40 / 0.10)
+    assert s0["value", 0.12]["reference"] == pytest.approx(0.65 + t * 0.08) and s0["value", 0.12]["miou"] == 0.64
+    assert s0["value", 0.45]["reference"] is None and s0["reference", 0.10]["miou"] is None
+    assert s0["reference", 0.40]["miou"] == pytest.approx(0.64 + np.log(0.40 / 0.12) / np.log(0.45 / 0.12) * 0.10)
+    assert all(r["value"] == (0,) for r in c["vs_reference"])
+    spread = {(r["value"], r["alpha"]): r["spread"] for r in c["seed_spread"]}
+    assert spread == {((0,), 0.6): pytest.approx(0.01), ((3,), 0.6): pytest.approx(0.01)}
+    c = ablation_compare(rows, ["dilations"], {"dilations": [1, 2, 3]})  # the preset's list, the CSV's string
+    assert c["reference"] == ("1-2-3",) and c["vs_reference"] == []  # one value only: nothing to compare
 
 
 def test_benchmark_train():
