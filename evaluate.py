@@ -249,7 +249,7 @@ def plot_rd(rows, path, title="", by=None):
     if by:  # each value of JD's settings is a method of its own; Ahuja et al. for reference
         rows = [{**r, "method": ", ".join(["JD"] + [f"{b} {r[b]}" for b in by])} if r["method"] == "jd" else r
                 for r in rows]
-        jds = sorted({r["method"] for r in rows if r["method"].startswith("JD")})
+        jds = sorted({r["method"] for r in rows if r["method"].startswith("JD")}, key=lambda m: (len(m), m))  # 64 < 128
         styles = {**{m: ("o-", f"C{k + 1}", m) for k, m in enumerate(jds)}, "ahuja": styles["ahuja"]}
     for codec, colour in zip(IMAGE_CODECS if not by else [], ("C2", "C4", "C5", "C1", "C6")):
         styles[codec] = ("^:", colour, f"{IMAGE_CODECS[codec][0]} + DeepLabv3 (Fig. 1a)")
