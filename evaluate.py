@@ -152,8 +152,7 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
     else:
         def segment(model, strings):
             return model.decompress(strings).argmax(1)  # m: the first class of the largest logit
-    model.eval()
-    hp = model.hyperprior
+    hp = model.eval().hyperprior
     if hp is None:
         raise ValueError("the No Compression model sends no bitstream: --from-bitstreams takes jd or ahuja")
     model_id, cap = hp.model_id(), max_container_bytes(hp.N, hp.M, hp.key is not None)
@@ -204,14 +203,16 @@ def from_bitstreams(model, dataset, in_dir, device, split="val", return_masks=Fa
 
 def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("jpeg",), qualities=None):
     """One row per checkpoint (mIoU, real and estimated bpp), plus Fig. 1a's points for each No
-    Compression checkpoint: every codec of `codecs`, or its own if fine-tuned (--image-codec)."""
+    Compression checkpoint: every codec of `codecs`, or its own if fine-tuned; a .csv: its rows."""
     rows = []
     for path in ckpts:
+        if path.endswith(".csv"):  # the rows of an earlier --rd --csv, not evaluated again
+            rows += importlib.import_module("extras.rd_claims").read_rows(path)
+            continue
         model, ckpt = load_checkpoint(path, device)
         cfg = ckpt["args"]
         if model.image_out:
-            print(f"{path}: left out, a {cfg['decoder']} model rebuilds images (codec: --learned-codec; "
-                  "inversion: --privacy)")
+            print(f"{path}: left out, a {cfg['decoder']} model rebuilds images (--learned-codec, --privacy)")
             continue
         ds, _ = val_dataset(cfg, split, limit, data_root)
         m = evaluate(model, ds, device)
@@ -263,9 +264,8 @@ def plot_rd(rows, path, title="", by=None):
             ax.plot(*zip(*pts), marker.replace("-", "--") if reading == "trained on" else marker, color=colour, ms=4,
                     alpha=0.45 if seed else 1, mfc="white" if reading == "trained on" else colour,
                     label=", ".join([label.split(" (")[0]] + more) if more else label)
-    for r in rows:
-        if r["method"] == "none":
-            ax.axhline(r["miou"], color="k", ls=":", label="No Compression")
+    for r in [r for r in rows if r["method"] == "none"]:
+        ax.axhline(r["miou"], color="k", ls=":", label="No Compression")
     ax.set(xscale="log", xlabel="bits per pixel (real bitstreams and files)", ylabel="mIoU", title=title)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
@@ -291,7 +291,7 @@ def add_common_flags(p):
 def get_args_parser():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", default=None, help="a train.py / reparam.py checkpoint")
-    p.add_argument("--rd", nargs="+", default=None, metavar="CKPT", help="checkpoints for an RD plot/CSV")
+    p.add_argument("--rd", nargs="+", default=None, metavar="CKPT", help="checkpoints (or CSVs of --rd) for an RD plot")
     add_common_flags(p)
     p.add_argument("--batch-size", type=int, default=8, help="images per batch (default %(default)s)")
     p.add_argument("--save-bitstreams", default=None, metavar="DIR", help="run only the edge: one file per image")

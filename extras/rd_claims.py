@@ -6,6 +6,7 @@ The paper's RD claims as numbers, from evaluate.py --rd's rows (printed by it):
   feature-coding point (JD or Ahuja) that needs no more bits;
 - with --plot-by, the ablations: JD by a setting against the preset's value, and the seed spread.
 """
+import csv
 import math
 
 from extras.image_codecs import IMAGE_CODECS
@@ -19,6 +20,14 @@ def miou_at(points, bpp):
             t = 0.0 if b1 == b0 else math.log(bpp / b0) / math.log(b1 / b0)
             return m0 + t * (m1 - m0)
     return points[0][1] if len(points) == 1 and points[0][0] == bpp else None
+
+
+def read_rows(path):
+    """The rows of an --rd --csv file, typed as rd_points makes them (empty cells: None)."""
+    types = {"alpha": float, "K": int, "F": int, "seed": int, "quality": int, "bpp_real": float, "bpp_est": float,
+             "miou": float, "finetuned": lambda v: v == "True"}
+    with open(path, newline="") as f:
+        return [{k: None if v == "" else types.get(k, str)(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def codec_label(method):
