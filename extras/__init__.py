@@ -9,11 +9,12 @@ from it inside the modes that need it.
     privacy.py          the data-protection test: an attacker's image decoder, evaluate.py --privacy
     image_quality.py    255^2 MSE, PSNR, SSIM for the clouds that rebuild images
     pictures.py         Fig. 6's pictures (evaluate.py --save-vis), the attack's layout
-    rd_claims.py        the paper's RD claims as numbers, printed by evaluate.py --rd
+    rd_claims.py        the paper's RD claims and the ablations as numbers, printed by evaluate.py --rd
     complexity.py       Tables 2 and 4 counted: evaluate.py --complexity
     fast_cloud.py       the deployed cloud's fast path (the same masks): evaluate.py --fast, the benchmark
-    benchmark.py        JD vs Ahuja et al.'s cloud timed: evaluate.py --benchmark cloud
-    bitstream_guard.py  the container's hostile-input checks, called by entropy.py; the key file;
+    benchmark.py        JD vs Ahuja et al.'s cloud and training steps timed: evaluate.py --benchmark
+    bitstream_guard.py  the container's hostile-input checks (its header read: unpack), called by
+                        entropy.py; the key file;
                         what each declared size costs: evaluate.py --hostile
     weights.py          pretrained weights (torchvision's API, the hub cache), --edge-from
     train_options.py    train.py's options for these systems: defaults, checks, starting weights

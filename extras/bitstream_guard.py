@@ -181,7 +181,7 @@ def rans_decode(entropy_model, strings, indexes, name):
 def max_container_bytes(N, M, keyed=False):
     """No container the cloud accepts is longer: the encoder writes at most 4 bytes a symbol
     (check_codable), r^ and h^ have at most P/256 and P/4096 positions (P = MAX_IMAGE_PIXELS,
-    entropy.check_image_size), and each varint of the header has at most 3 bytes."""
+    check_image_size), and each varint of the header has at most 3 bytes."""
     P = entropy.MAX_IMAGE_PIXELS
     k = -(-M * (P // 256) // entropy.STREAM_SYMBOLS)  # b_r's streams at most
     return 4 * (M * (P // 256) + N * (P // 4096)) + 2 + 3 * (3 + k - 1) + (entropy.MAC_BYTES if keyed else 4)
