@@ -207,7 +207,8 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("j
     rows = []
     for path in ckpts:
         if path.endswith(".csv"):  # the rows of an earlier --rd --csv, not evaluated again
-            rows += importlib.import_module("extras.rd_claims").read_rows(path)
+            from extras.rd_claims import read_rows
+            rows += read_rows(path)
             continue
         model, ckpt = load_checkpoint(path, device)
         cfg = ckpt["args"]
@@ -325,8 +326,7 @@ def main(args):
         from extras import image_codecs, rd_claims as claims
         out = rd_points(args.rd, args.device, args.split, args.limit, args.data_root,
                         image_codecs.use_codec_flags(args), args.codec_qualities)
-        claims.print_ablation_compare(claims.ablation_compare(out, args.plot_by, preset(out[0]["dataset"]))) \
-            if args.plot_by else claims.print_rd_compare(claims.rd_compare(out))  # the ablations, or Fig. 5's claims
+        claims.print_claims(out, args.plot_by, preset(out[0]["dataset"]))  # Fig. 5's, or the ablations' numbers
         if args.csv:
             write_csv(out, args.csv, ["checkpoint", "dataset", "system", "finetuned", "method", "reading", "alpha", "K",
                                       "F", "dilations", "seed", "quality", "bpp_real", "bpp_est", "miou"])

@@ -204,8 +204,7 @@ def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, dev
 def print_training(b):
     where = f"{b['device']} ({b['gpu']})" if b.get("gpu") else f"{b['device']} ({b['threads']} threads)"
     print(f"training steps, {b['dataset']} preset ({b.get('encoder')}) at {b['size'][0]}x{b['size'][1]}, batch "
-          f"{b['batch']}, on {where}: "
-          f"median of {b['steps']} steps after a warm-up, random weights and data")
+          f"{b['batch']}, on {where}: median of {b['steps']} steps after a warm-up, random weights and data")
     print(f"{'system':22s} {'E (and D) frozen':>22s} {'trained on':>22s}")
     labels = {"jd": "JD", "ahuja": "Ahuja et al. SD + D"}
     for name in b.get("systems", ["jd", "ahuja"]):

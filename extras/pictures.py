@@ -54,8 +54,9 @@ def save_vis(models, dataset, classes, palette, out, n, device):
     """Pictures of the first n images: image | ground truth | each model's prediction (decoded
     from the bitstream, its bpp in the title). `out` a directory: one PNG per image, the bpp in
     the file name; `out` a .png: one picture, an image a row, as Fig. 6. Returns the paths."""
+    one, count = out.endswith(".png"), min(n, len(dataset))  # one picture: a row an image, one legend below
     rows, paths = [], []
-    for i in range(min(n, len(dataset))):
+    for i in range(count):
         x, y = dataset[i]
         panels, titles = [denormalize(x), colorize(y.numpy().clip(0, 255), palette)], ["image", "ground truth"]
         for model in models:
@@ -65,14 +66,14 @@ def save_vis(models, dataset, classes, palette, out, n, device):
                 titles.append("prediction (no compression)" if bpp is None else f"prediction from {bpp:.3f} bpp")
             else:
                 titles.append(NAMES.get(model.decoder, model.decoder) + ("" if bpp is None else f", {bpp:.3f} bpp"))
-        last = i == min(n, len(dataset)) - 1
-        rows.append(label_picture(panels, titles, classes if last or not out.endswith(".png") else None, palette))
-        if not out.endswith(".png"):
+        row = label_picture(panels, titles, classes if not one or i == count - 1 else None, palette)
+        if one:
+            rows.append(row)
+        else:
             os.makedirs(out, exist_ok=True)
-            tag = "nocompression" if bpp is None else f"{bpp:.4f}bpp"
-            paths.append(os.path.join(out, f"{i:03d}_{tag}.png"))
-            rows.pop().save(paths[-1])
-    if out.endswith(".png"):  # the rows stacked, the legend once below them
+            paths.append(os.path.join(out, f"{i:03d}_{'nocompression' if bpp is None else f'{bpp:.4f}bpp'}.png"))
+            row.save(paths[-1])
+    if one:  # the rows stacked
         picture = Image.new("RGB", (rows[0].width, sum(r.height for r in rows)), "white")
         for k, row in enumerate(rows):
             picture.paste(row, (0, sum(r.height for r in rows[:k])))

@@ -91,6 +91,15 @@ def print_rd_compare(c):
             print(f"  {r['bpp']:.4f} bpp: mIoU {r['codec']:.4f}; {reading_label(r['reading'])}: {best}")
 
 
+def print_claims(rows, by=None, cfg=None):
+    """What evaluate.py --rd prints: Fig. 5's claims, or with --plot-by `by` the ablation's
+    numbers against the preset `cfg`'s value."""
+    if by:
+        print_ablation_compare(ablation_compare(rows, by, cfg))
+    else:
+        print_rd_compare(rd_compare(rows))
+
+
 def ablation_compare(rows, by, cfg):
     """The ablations (Figs. 7, 8, Suppl. Fig. 17) as numbers: JD's curve of each value of the
     settings `by` (e.g. ["K"]) against the curve of the preset `cfg`'s value, per reading and
