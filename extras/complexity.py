@@ -45,6 +45,11 @@ def count_gmacs(fn, *inputs):
     return counter.get_total_flops() / 2e9
 
 
+def cloud_gmacs(model, r_hat, h_hat, image_size):
+    """The cloud's GMACs: HD on h^ (the scales to decode r) and the cloud's modules on r^."""
+    return count_gmacs(lambda r, h: (model.hyperprior.HD(h), model.cloud(r, image_size)), r_hat, h_hat)
+
+
 def complexity(dataset, K=None):
     """Params and GMACs of edge, JD (training-time and deployed), Ahuja SD+D and the
     No-Compression head for a paper preset; returns a dict (the --json keys)."""
@@ -68,20 +73,16 @@ def complexity(dataset, K=None):
         def edge(model):  # the transmitter also runs HD: it needs sigma to code r
             return lambda x: model.hyperprior.HD(model.edge(x)[1])
 
-        def cloud(model):
-            return lambda r_hat, h_hat: (model.hyperprior.HD(h_hat),
-                                         model.cloud(r_hat, (ch, cw)))
-
         hp = jd.hyperprior  # entropy bottleneck + HD: on both ends, counted in both
         out = {
             "edge_params": count_params(jd.E, jd.SE, hp),
             "edge_gmacs": count_gmacs(edge(jd), x),
             "jd_train_params": count_params(hp, jd.JD),
-            "jd_train_gmacs": count_gmacs(cloud(jd), r_hat, h_hat),
+            "jd_train_gmacs": cloud_gmacs(jd, r_hat, h_hat, (ch, cw)),
             "jd_params": count_params(jd_deployed.hyperprior, jd_deployed.JD),
-            "jd_gmacs": count_gmacs(cloud(jd_deployed), r_hat, h_hat),
+            "jd_gmacs": cloud_gmacs(jd_deployed, r_hat, h_hat, (ch, cw)),
             "ahuja_params": count_params(ahuja.hyperprior, ahuja.SD, ahuja.D),
-            "ahuja_gmacs": count_gmacs(cloud(ahuja), r_hat, h_hat),
+            "ahuja_gmacs": cloud_gmacs(ahuja, r_hat, h_hat, (ch, cw)),
             "nocomp_params": count_params(nocomp.D),
             "nocomp_gmacs": count_gmacs(lambda z: nocomp.D(z, (ch, cw)), z),
         }
@@ -92,7 +93,7 @@ def complexity(dataset, K=None):
         out.update(jsde_edge_params=count_params(jsde.SE, jsde.hyperprior),
                    jsde_edge_gmacs=count_gmacs(edge(jsde), x),
                    jsde_cloud_params=count_params(jsde.hyperprior, jsde.JSDE, jsde.D),
-                   jsde_cloud_gmacs=count_gmacs(cloud(jsde), y_jsde, z_jsde))
+                   jsde_cloud_gmacs=cloud_gmacs(jsde, y_jsde, z_jsde, (ch, cw)))
         out.update(codec_edge_params=count_params(codec.g_a, codec.h_a, codec.h_s, codec.entropy_bottleneck),
                    codec_edge_gmacs=count_gmacs(lambda x: codec.h_s(codec.h_a(codec.g_a(x))), x),
                    codec_cloud_params=count_params(codec.h_s, codec.g_s, nocomp),
@@ -118,7 +119,7 @@ def jd_widths(dataset, Fs, Ks):
         h_hat = torch.empty(1, N, *entropy.hyper_size((ch, cw)))
 
         def cloud(model):
-            return count_gmacs(lambda r, h: (model.hyperprior.HD(h), model.cloud(r, (ch, cw))), r_hat, h_hat)
+            return cloud_gmacs(model, r_hat, h_hat, (ch, cw))
         ahuja = build_model({**cfg, "decoder": "ahuja"}).eval()
         ref = {"ahuja_params": count_params(ahuja.hyperprior, ahuja.SD, ahuja.D), "ahuja_gmacs": cloud(ahuja)}
         for F in Fs:
