@@ -208,7 +208,7 @@ def rd_points(ckpts, device, split="val", limit=None, data_root=None, codecs=("j
     for path in ckpts:
         if path.endswith(".csv"):  # the rows of an earlier --rd --csv, not evaluated again
             from extras.rd_claims import read_rows
-            rows += read_rows(path)
+            rows += [r for r in read_rows(path) if r not in rows]  # a row in two CSVs: once
             continue
         model, ckpt = load_checkpoint(path, device)
         cfg = ckpt["args"]

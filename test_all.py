@@ -895,7 +895,7 @@ def test_rd_csv_and_plot(ckpts, tmp_path):
     assert all(float(r["bpp_real"]) > 0 for r in rows[2:])
     assert (rows[0]["K"], rows[0]["F"], rows[0]["dilations"]) == ("1", "64", "1-2-3")  # the ablations' settings
     # a sweep evaluated in parts: an earlier --csv comes back as the same rows, not evaluated again
-    again = run(["--rd", str(csv), "--csv", str(tmp_path / "again.csv")])
+    again = run(["--rd", str(csv), str(csv), "--csv", str(tmp_path / "again.csv")])  # a row in two CSVs: once
     assert (tmp_path / "again.csv").read_text() == csv.read_text() and again[0]["K"] == 1
     assert again[2]["quality"] == 10 and again[0]["miou"] == pytest.approx(float(rows[0]["miou"]))
     png.unlink()
