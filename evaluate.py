@@ -45,8 +45,7 @@ def iou(cm):
 
 
 class Progress:
-    """A line on stderr every `every` seconds at most on long work: images done of the total and
-    the time so far; nothing for work under `every` seconds, nothing at all when quiet."""
+    """Long work's progress on stderr: images done and time so far, every `every` s at most."""
     quiet = False  # evaluate.py --quiet
 
     def __init__(self, what, total, every=10.0):
@@ -394,6 +393,7 @@ def run(argv):
 
 
 if __name__ == "__main__":
+    sys.modules["evaluate"] = sys.modules["__main__"]  # extras/ importing evaluate share this run's (--quiet)
     try:
         run(sys.argv[1:])
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback
