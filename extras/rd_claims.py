@@ -45,7 +45,8 @@ def rd_compare(rows):
       each Ahuja point against JD's): difference in mIoU, None outside the other curve's rates;
     - each point of each conventional pipeline (codec, plain or fine-tuned) and of JSDE against
       the best feature-coding point (JD or Ahuja) of each reading that needs no more bits: a
-      positive margin means feature coding is better at that rate."""
+      positive margin means feature coding is better at that rate; and against JD's curve of
+      that reading (seed 0) at the same rate, interpolated (None outside its rates)."""
     coders = [r for r in rows if r["method"] in ("jd", "ahuja")]
     groups = sorted({(r.get("reading") or "", r.get("seed", 0)) for r in coders})
     out = {"jd_vs_ahuja": [], "feature_vs_codec": {}}
@@ -64,8 +65,10 @@ def rd_compare(rows):
                 for reading in sorted({reading for reading, _ in groups}):
                     best = max((r["miou"] for r in coders if r["bpp_real"] <= bpp
                                 and (r.get("reading") or "") == reading), default=None)
+                    jd = sorted((r["bpp_real"], r["miou"]) for r in coders if r["method"] == "jd"
+                                and r.get("seed", 0) == 0 and (r.get("reading") or "") == reading)
                     out["feature_vs_codec"][method].append({"bpp": bpp, "codec": miou, "reading": reading,
-                                                            "feature": best,
+                                                            "feature": best, "jd_curve": miou_at(jd, bpp) if jd else None,
                                                             "margin": None if best is None else best - miou})
     return out
 
@@ -88,7 +91,9 @@ def print_rd_compare(c):
         for r in points:
             best = "no feature point at that rate" if r["feature"] is None else \
                 f"feature {r['feature']:.4f}, margin {100 * r['margin']:+.1f} points"
-            print(f"  {r['bpp']:.4f} bpp: mIoU {r['codec']:.4f}; {reading_label(r['reading'])}: {best}")
+            curve = "" if r["jd_curve"] is None else \
+                f"; JD's curve there {r['jd_curve']:.4f} ({100 * (r['jd_curve'] - r['codec']):+.1f})"
+            print(f"  {r['bpp']:.4f} bpp: mIoU {r['codec']:.4f}; {reading_label(r['reading'])}: {best}{curve}")
 
 
 def print_claims(rows, by=None, cfg=None):

@@ -330,7 +330,7 @@ def test_inversion_attack(ckpts, tmp_path):
 def test_rd_compare():
     """JD vs Ahuja at equal bpp interpolates the other curve on log bpp (None outside its
     rates); each codec point (plain or fine-tuned) is compared with the best feature-coding
-    point at no more bits; both for each reading of E's start."""
+    point at no more bits and with JD's curve at its rate; both for each reading of E's start."""
     rows = [dict(method="jd", bpp_real=0.05, miou=0.60), dict(method="jd", bpp_real=0.10, miou=0.70),
             dict(method="ahuja", bpp_real=0.2, miou=0.72), dict(method="ahuja", bpp_real=0.04, miou=0.62),
             dict(method="none", bpp_real=None, miou=0.8),
@@ -346,6 +346,9 @@ def test_rd_compare():
     assert jpeg[0.3]["feature"] == 0.72 and jpeg[0.3]["margin"] == pytest.approx(0.22)
     assert jpeg[0.03]["feature"] is None
     assert c["feature_vs_codec"]["webp-ft"][0]["margin"] == pytest.approx(0.62 - 0.65)
+    t = np.log(0.07 / 0.05) / np.log(0.10 / 0.05)  # and JD's curve at the codec's rate, on log bpp
+    assert c["feature_vs_codec"]["webp-ft"][0]["jd_curve"] == pytest.approx(0.60 + t * 0.10)
+    assert jpeg[0.3]["jd_curve"] is None  # outside JD's rates
     # each reading of E's start (train.py --freeze-encoder) is a curve of its own and its own claims
     rows += [dict(method="jd", reading="frozen", bpp_real=0.2, miou=0.5), dict(method="ahuja", reading="frozen",
                                                                              bpp_real=0.1, miou=0.4)]
