@@ -68,8 +68,9 @@ def rd_compare(rows):
                     jd = sorted((r["bpp_real"], r["miou"]) for r in coders if r["method"] == "jd"
                                 and r.get("seed", 0) == 0 and (r.get("reading") or "") == reading)
                     out["feature_vs_codec"][method].append({"bpp": bpp, "codec": miou, "reading": reading,
-                                                            "feature": best, "jd_curve": miou_at(jd, bpp) if jd else None,
-                                                            "margin": None if best is None else best - miou})
+                                                            "feature": best, "margin": None if best is None
+                                                            else best - miou,
+                                                            "jd_curve": miou_at(jd, bpp) if jd else None})
     return out
 
 
