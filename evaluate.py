@@ -393,7 +393,7 @@ def run(argv):
 
 
 if __name__ == "__main__":
-    sys.modules["evaluate"] = sys.modules["__main__"]  # extras/ importing evaluate share this run's (--quiet)
+    sys.modules["evaluate"] = sys.modules["__main__"]  # extras/ importing evaluate get this module (--quiet)
     try:
         run(sys.argv[1:])
     except (ValueError, FileNotFoundError) as e:  # user errors: one line, no traceback

@@ -49,10 +49,12 @@ def rd_compare(rows):
       that reading (seed 0) at the same rate, interpolated (None outside its rates)."""
     coders = [r for r in rows if r["method"] in ("jd", "ahuja")]
     groups = sorted({(r.get("reading") or "", r.get("seed", 0)) for r in coders})
-    out = {"jd_vs_ahuja": [], "feature_vs_codec": {}}
+    out, jd_curve = {"jd_vs_ahuja": [], "feature_vs_codec": {}}, {}  # jd_curve: reading -> JD's seed-0 curve
     for reading, seed in groups:  # one curve per method, reading and seed
         curve = {m: sorted((r["bpp_real"], r["miou"]) for r in coders if r["method"] == m and r.get("seed", 0) == seed
                            and (r.get("reading") or "") == reading) for m in ("jd", "ahuja")}
+        if seed == 0:
+            jd_curve[reading] = curve["jd"]
         for m, other in (("jd", "ahuja"), ("ahuja", "jd")):
             for bpp, miou in curve[m]:
                 ref = miou_at(curve[other], bpp) if curve[other] else None
@@ -65,11 +67,10 @@ def rd_compare(rows):
                 for reading in sorted({reading for reading, _ in groups}):
                     best = max((r["miou"] for r in coders if r["bpp_real"] <= bpp
                                 and (r.get("reading") or "") == reading), default=None)
-                    jd = sorted((r["bpp_real"], r["miou"]) for r in coders if r["method"] == "jd"
-                                and r.get("seed", 0) == 0 and (r.get("reading") or "") == reading)
+                    jd = jd_curve.get(reading)
                     out["feature_vs_codec"][method].append({"bpp": bpp, "codec": miou, "reading": reading,
-                                                            "feature": best, "margin": None if best is None
-                                                            else best - miou,
+                                                            "feature": best,
+                                                            "margin": None if best is None else best - miou,
                                                             "jd_curve": miou_at(jd, bpp) if jd else None})
     return out
 
