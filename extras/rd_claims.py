@@ -4,6 +4,7 @@ The paper's RD claims as numbers, from evaluate.py --rd's rows (printed by it):
   log bpp, as on Fig. 5's axis);
 - each conventional pipeline (Fig. 1a, plain or fine-tuned) and JSDE (Fig. 1b) against the best
   feature-coding point (JD or Ahuja) that needs no more bits;
+- the two readings of E's start: each E-trained-on point against the same system's E-frozen curve;
 - with --plot-by, the ablations: JD by a setting against the preset's value, and the seed spread.
 """
 import csv
@@ -46,10 +47,12 @@ def rd_compare(rows):
     - each point of each conventional pipeline (codec, plain or fine-tuned) and of JSDE against
       the best feature-coding point (JD or Ahuja) of each reading that needs no more bits: a
       positive margin means feature coding is better at that rate; and against JD's curve of
-      that reading (seed 0) at the same rate, interpolated (None outside its rates)."""
+      that reading (seed 0) at the same rate, interpolated (None outside its rates);
+    - each point of JD or Ahuja with E trained on against the same system's E-frozen curve (seed 0)
+      at the same real bpp, interpolated (None outside its rates)."""
     coders = [r for r in rows if r["method"] in ("jd", "ahuja")]
     groups = sorted({(r.get("reading") or "", r.get("seed", 0)) for r in coders})
-    out, jd_curve = {"jd_vs_ahuja": [], "feature_vs_codec": {}}, {}  # jd_curve: reading -> JD's seed-0 curve
+    out, jd_curve = {"jd_vs_ahuja": [], "feature_vs_codec": {}, "trained_vs_frozen": []}, {}  # reading -> JD's curve
     for reading, seed in groups:  # one curve per method, reading and seed
         curve = {m: sorted((r["bpp_real"], r["miou"]) for r in coders if r["method"] == m and r.get("seed", 0) == seed
                            and (r.get("reading") or "") == reading) for m in ("jd", "ahuja")}
@@ -72,6 +75,14 @@ def rd_compare(rows):
                                                             "feature": best,
                                                             "margin": None if best is None else best - miou,
                                                             "jd_curve": miou_at(jd, bpp) if jd else None})
+    for m in ("jd", "ahuja"):
+        frozen = sorted((r["bpp_real"], r["miou"]) for r in coders if r["method"] == m
+                        and r.get("reading") == "frozen" and r.get("seed", 0) == 0)
+        for r in sorted((r for r in coders if r["method"] == m and r.get("reading") == "trained on"),
+                        key=lambda r: (r.get("seed", 0), r["bpp_real"])):
+            out["trained_vs_frozen"].append({"method": m, "seed": r.get("seed", 0), "bpp": r["bpp_real"],
+                                             "trained_on": r["miou"],
+                                             "frozen": miou_at(frozen, r["bpp_real"]) if frozen else None})
     return out
 
 
@@ -96,6 +107,12 @@ def print_rd_compare(c):
             curve = "" if r["jd_curve"] is None else \
                 f"; JD's curve there {r['jd_curve']:.4f} ({100 * (r['jd_curve'] - r['codec']):+.1f})"
             print(f"  {r['bpp']:.4f} bpp: mIoU {r['codec']:.4f}; {reading_label(r['reading'])}: {best}{curve}")
+    if c["trained_vs_frozen"]:
+        print("E trained on vs E frozen at equal real bpp (the same system's frozen curve, seed 0, on log bpp):")
+    for r in c["trained_vs_frozen"]:
+        at = f"  {r['method']:5s} seed {r['seed']} at {r['bpp']:.4f} bpp: trained on {r['trained_on']:.4f}"
+        print(f"{at}, outside the frozen curve's rates" if r["frozen"] is None else
+              f"{at}, frozen {r['frozen']:.4f}, {100 * (r['trained_on'] - r['frozen']):+.1f} points")
 
 
 def print_claims(rows, by=None, cfg=None):

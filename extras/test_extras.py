@@ -330,7 +330,8 @@ def test_inversion_attack(ckpts, tmp_path):
 def test_rd_compare():
     """JD vs Ahuja at equal bpp interpolates the other curve on log bpp (None outside its
     rates); each codec point (plain or fine-tuned) is compared with the best feature-coding
-    point at no more bits and with JD's curve at its rate; both for each reading of E's start."""
+    point at no more bits and with JD's curve at its rate; both for each reading of E's start;
+    each E-trained-on point against the same system's E-frozen curve."""
     rows = [dict(method="jd", bpp_real=0.05, miou=0.60), dict(method="jd", bpp_real=0.10, miou=0.70),
             dict(method="ahuja", bpp_real=0.2, miou=0.72), dict(method="ahuja", bpp_real=0.04, miou=0.62),
             dict(method="none", bpp_real=None, miou=0.8),
@@ -357,6 +358,16 @@ def test_rd_compare():
     assert [(r["at"], r["jd"], r["ahuja"]) for r in frozen] == [("jd", 0.5, None), ("ahuja", None, 0.4)]
     jpeg = {(r["bpp"], r["reading"]): r for r in c["feature_vs_codec"]["jpeg"]}
     assert jpeg[0.3, "frozen"]["feature"] == 0.5 and jpeg[0.3, ""]["feature"] == 0.72
+    assert c["trained_vs_frozen"] == []  # no trained-on point yet
+    rows += [dict(method="jd", reading="frozen", bpp_real=0.4, miou=0.6),
+             dict(method="jd", reading="trained on", bpp_real=0.3, miou=0.58),
+             dict(method="jd", reading="trained on", bpp_real=0.1, miou=0.45, seed=1),
+             dict(method="ahuja", reading="trained on", bpp_real=0.1, miou=0.42)]
+    t = np.log(0.3 / 0.2) / np.log(0.4 / 0.2)
+    assert rd_compare(rows)["trained_vs_frozen"] == [
+        dict(method="jd", seed=0, bpp=0.3, trained_on=0.58, frozen=pytest.approx(0.5 + t * 0.1)),
+        dict(method="jd", seed=1, bpp=0.1, trained_on=0.45, frozen=None),  # below the frozen curve's rates
+        dict(method="ahuja", seed=0, bpp=0.1, trained_on=0.42, frozen=0.4)]  # a one-point curve at its rate
 
 
 def test_ablation_compare():
