@@ -52,12 +52,13 @@ def rd_compare(rows):
       at the same real bpp, interpolated (None outside its rates)."""
     coders = [r for r in rows if r["method"] in ("jd", "ahuja")]
     groups = sorted({(r.get("reading") or "", r.get("seed", 0)) for r in coders})
-    out, jd_curve = {"jd_vs_ahuja": [], "feature_vs_codec": {}, "trained_vs_frozen": []}, {}  # reading -> JD's curve
+    out = {"jd_vs_ahuja": [], "feature_vs_codec": {}, "trained_vs_frozen": []}
+    seed0 = {}  # reading -> {method: its seed-0 curve}
     for reading, seed in groups:  # one curve per method, reading and seed
         curve = {m: sorted((r["bpp_real"], r["miou"]) for r in coders if r["method"] == m and r.get("seed", 0) == seed
                            and (r.get("reading") or "") == reading) for m in ("jd", "ahuja")}
         if seed == 0:
-            jd_curve[reading] = curve["jd"]
+            seed0[reading] = curve
         for m, other in (("jd", "ahuja"), ("ahuja", "jd")):
             for bpp, miou in curve[m]:
                 ref = miou_at(curve[other], bpp) if curve[other] else None
@@ -70,14 +71,13 @@ def rd_compare(rows):
                 for reading in sorted({reading for reading, _ in groups}):
                     best = max((r["miou"] for r in coders if r["bpp_real"] <= bpp
                                 and (r.get("reading") or "") == reading), default=None)
-                    jd = jd_curve.get(reading)
+                    jd = seed0.get(reading, {}).get("jd")
                     out["feature_vs_codec"][method].append({"bpp": bpp, "codec": miou, "reading": reading,
                                                             "feature": best,
                                                             "margin": None if best is None else best - miou,
                                                             "jd_curve": miou_at(jd, bpp) if jd else None})
     for m in ("jd", "ahuja"):
-        frozen = sorted((r["bpp_real"], r["miou"]) for r in coders if r["method"] == m
-                        and r.get("reading") == "frozen" and r.get("seed", 0) == 0)
+        frozen = seed0.get("frozen", {}).get(m)
         for r in sorted((r for r in coders if r["method"] == m and r.get("reading") == "trained on"),
                         key=lambda r: (r.get("seed", 0), r["bpp_real"])):
             out["trained_vs_frozen"].append({"method": m, "seed": r.get("seed", 0), "bpp": r["bpp_real"],
