@@ -7,12 +7,14 @@ import ast
 import contextlib
 import io
 import json
+import multiprocessing
 import os
 import re
 import runpy
 import signal
-import subprocess
+import socket
 import sys
+import time
 import types
 
 import numpy as np
@@ -493,6 +495,46 @@ def run_train(*argv, check=True):
     return run_script("train.py", *argv, check=check)
 
 
+def in_child(log, env, main, args):
+    fd = os.open(log, os.O_WRONLY)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    sys.stdout = sys.stderr = open(1, "w", buffering=1, closefd=False)
+    torch.set_num_threads(1)  # GNU OpenMP's thread pool does not survive a fork: one thread
+    os.environ.update(env or {})
+    main(*args)
+
+
+def forked(log, main, *args, env=None):
+    """Starts main(*args) in a process forked from this one, its output to the file `log`: a
+    crash or hang there fails a test, not pytest, and the child has the imports loaded already
+    (a new interpreter spends ~10 s importing torch, torchvision and compressai)."""
+    open(log, "w").close()
+    proc = multiprocessing.get_context("fork").Process(target=in_child, args=(str(log), env, main, args))
+    proc.start()
+    proc.log = str(log)
+    return proc
+
+
+def finish(proc, kill_at=None, timeout=300):
+    """Waits for a forked process, SIGKILLs it once its log holds `kill_at` or at `timeout`
+    seconds: .returncode (-9 when killed) and .stdout (its log)."""
+    deadline = time.monotonic() + timeout
+    while proc.is_alive() and time.monotonic() < deadline:
+        if kill_at and kill_at in open(proc.log).read():
+            break
+        proc.join(0.05)
+    proc.kill()
+    proc.join()
+    return types.SimpleNamespace(returncode=proc.exitcode, stdout=open(proc.log).read())
+
+
+def script(name, *argv):
+    """The project's script `name` run as `python name *argv` runs it (in a forked child)."""
+    sys.argv = [name, *argv]
+    runpy.run_path(os.path.join(HERE, name), run_name="__main__")
+
+
 def logged_losses(text):
     return {int(i): loss for i, loss in re.findall(r"iter (\d+): loss (\S+),", text)}
 
@@ -556,20 +598,18 @@ def test_protocol_starts_from_no_compression(tmp_path, cityscapes_root):
 
 def test_resume_after_kill_matches_uninterrupted(tmp_path):
     """A run killed mid-way and resumed from its last checkpoint logs the same losses as an
-    uninterrupted run (CPU, fixed seed)."""
+    uninterrupted run (CPU, fixed seed; each run a forked process on one thread)."""
     argv = [*QUICK, "--max-iters", "12", "--eval-interval", "3"]
-    full = logged_losses(run_train(*argv, "--out-dir", str(tmp_path / "a")).stdout)
-    proc = subprocess.Popen([sys.executable, "train.py", *argv, "--out-dir", str(tmp_path / "b")],
-                            cwd=HERE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        if "checkpoint saved" in line:
-            proc.send_signal(signal.SIGKILL)  # a crash right after the first checkpoint
-            break
-    proc.wait()
+    a = forked(tmp_path / "a.log", script, "train.py", *argv, "--out-dir", str(tmp_path / "a"))
+    b = forked(tmp_path / "b.log", script, "train.py", *argv, "--out-dir", str(tmp_path / "b"))
+    assert finish(b, kill_at="checkpoint saved").returncode == -signal.SIGKILL  # a crash after a checkpoint
     ckpt = str(tmp_path / "b" / "ckpt.pt")
     start = torch.load(ckpt)["iter_num"]
     assert 3 <= start < 12
-    resumed = logged_losses(run_train("--resume", ckpt).stdout)
+    resumed = finish(forked(tmp_path / "c.log", script, "train.py", "--resume", ckpt))
+    full = finish(a)
+    assert resumed.returncode == 0 and full.returncode == 0, resumed.stdout + full.stdout
+    resumed, full = logged_losses(resumed.stdout), logged_losses(full.stdout)
     assert min(resumed) == start + 1 and max(resumed) == 12
     assert all(resumed[i] == full[i] for i in resumed), (resumed, full)
 
@@ -599,15 +639,20 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(tmp_path):
     assert open(path, "rb").read() == before
 
 
-def test_torchrun_two_processes(tmp_path):
-    """torchrun --nproc_per_node 2 (DDP over gloo on CPU) trains and evaluates; validation
-    counts each image once."""
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "train.py", *QUICK, "--batch-size", "4", "--val-limit", "5",
-                           "--out-dir", str(tmp_path)], cwd=HERE, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout
-    assert "2 process(es)" in proc.stdout and "final val (5 images)" in proc.stdout
+def test_ddp_two_processes(tmp_path):
+    """Two processes with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, the master's
+    address) train with DDP over gloo on CPU and evaluate; validation counts each image once."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = str(s.getsockname()[1])
+    ranks = [forked(tmp_path / f"rank{r}.log", script, "train.py", *QUICK, "--batch-size", "4", "--val-limit", "5",
+                    "--out-dir", str(tmp_path), env=dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
+             for r in (0, 1)]
+    for proc in map(finish, ranks):
+        assert proc.returncode == 0, proc.stdout
+    out = open(tmp_path / "rank0.log").read()
+    assert "2 process(es)" in out and "final val (5 images)" in out
 
 
 # -----------------------------------------------------------------------------

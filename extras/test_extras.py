@@ -8,7 +8,6 @@ import copy
 import io
 import os
 import re
-import subprocess
 import sys
 
 import numpy as np
@@ -35,7 +34,7 @@ from extras.weights import load_encoder_weights
 from evaluate import rd_points
 from model import E, HD, build_model, load_checkpoint
 from reparam import reparameterize
-from test_all import HERE, QUICK, count, randomize_bn, run_script, run_train, tiny_model
+from test_all import QUICK, count, finish, forked, randomize_bn, run_script, run_train, tiny_model
 from test_all import ckpts, cityscapes_root, coco_root, coded  # noqa: F401  (fixtures)
 
 def test_complexity_ratios_coco():
@@ -640,11 +639,10 @@ for name, (r_, h_) in {"h": (r, h * 1.4e9), "r": (r * 2e8, h), "r mean": (r.sign
 
 
 @pytest.fixture(scope="module")
-def crash_prone():
-    """ENCODER_OVERFLOW, then FUZZ, in one subprocess (one interpreter start for both): a crash
-    of the C++ coder, or a hang under the time limit, fails the tests instead of pytest."""
-    return subprocess.run([sys.executable, "-c", ENCODER_OVERFLOW + FUZZ], cwd=HERE, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, timeout=300)
+def crash_prone(tmp_path_factory):
+    """ENCODER_OVERFLOW, then FUZZ, in one forked process: a crash of the C++ coder, or a hang
+    under the time limit, fails the tests instead of pytest."""
+    return finish(forked(tmp_path_factory.mktemp("fuzz") / "log", exec, ENCODER_OVERFLOW + FUZZ, {}))
 
 
 def test_fuzz_decompress_never_crashes(crash_prone):
