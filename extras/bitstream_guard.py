@@ -3,7 +3,7 @@ The hostile-input checks of the bitstream container (entropy.py): the reading of
 what keeps CompressAI's rANS coder, which has no bounds checks, from crashing, hanging or reading
 past its buffer on any latent the edge may produce and on any byte string the cloud may receive.
 entropy.py calls them at each step; a string is then decoded or refused with a ValueError that
-says why, in bounded time and memory (tested by a fuzz in a subprocess, extras/test_extras.py).
+says why, in bounded time and memory (tested by a fuzz in a forked process, extras/test_extras.py).
 
     check_image_size       the work a header may declare: its image size, bounded
     unpack                 the header and check value, checked before any decoding
