@@ -476,9 +476,8 @@ def run_script(script, *argv, check=True):
     .returncode and .stdout (stdout and stderr together, with the message of a sys.exit)."""
     out, argv0, code = io.StringIO(), sys.argv, 0
     try:
-        sys.argv = [script, *argv]
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
-            runpy.run_path(os.path.join(HERE, script), run_name="__main__")
+            as_main(script, *argv)
     except SystemExit as e:
         code = e.code if isinstance(e.code, int) else 1
         if isinstance(e.code, str):
@@ -495,7 +494,14 @@ def run_train(*argv, check=True):
     return run_script("train.py", *argv, check=check)
 
 
+def as_main(name, *argv):
+    """The project's script `name` run as `python name *argv` runs it, in this process."""
+    sys.argv = [name, *argv]
+    runpy.run_path(os.path.join(HERE, name), run_name="__main__")
+
+
 def in_child(log, env, main, args):
+    """The forked child's side of forked(): output to `log`, one thread, `env` set, then main(*args)."""
     fd = os.open(log, os.O_WRONLY)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
@@ -527,12 +533,6 @@ def finish(proc, kill_at=None, timeout=300):
     proc.kill()
     proc.join()
     return types.SimpleNamespace(returncode=proc.exitcode, stdout=open(proc.log).read())
-
-
-def script(name, *argv):
-    """The project's script `name` run as `python name *argv` runs it (in a forked child)."""
-    sys.argv = [name, *argv]
-    runpy.run_path(os.path.join(HERE, name), run_name="__main__")
 
 
 def logged_losses(text):
@@ -600,13 +600,13 @@ def test_resume_after_kill_matches_uninterrupted(tmp_path):
     """A run killed mid-way and resumed from its last checkpoint logs the same losses as an
     uninterrupted run (CPU, fixed seed; each run a forked process on one thread)."""
     argv = [*QUICK, "--max-iters", "12", "--eval-interval", "3"]
-    a = forked(tmp_path / "a.log", script, "train.py", *argv, "--out-dir", str(tmp_path / "a"))
-    b = forked(tmp_path / "b.log", script, "train.py", *argv, "--out-dir", str(tmp_path / "b"))
+    a = forked(tmp_path / "a.log", as_main, "train.py", *argv, "--out-dir", str(tmp_path / "a"))
+    b = forked(tmp_path / "b.log", as_main, "train.py", *argv, "--out-dir", str(tmp_path / "b"))
     assert finish(b, kill_at="checkpoint saved").returncode == -signal.SIGKILL  # a crash after a checkpoint
     ckpt = str(tmp_path / "b" / "ckpt.pt")
     start = torch.load(ckpt)["iter_num"]
     assert 3 <= start < 12
-    resumed = finish(forked(tmp_path / "c.log", script, "train.py", "--resume", ckpt))
+    resumed = finish(forked(tmp_path / "c.log", as_main, "train.py", "--resume", ckpt))
     full = finish(a)
     assert resumed.returncode == 0 and full.returncode == 0, resumed.stdout + full.stdout
     resumed, full = logged_losses(resumed.stdout), logged_losses(full.stdout)
@@ -645,14 +645,13 @@ def test_ddp_two_processes(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = str(s.getsockname()[1])
-    ranks = [forked(tmp_path / f"rank{r}.log", script, "train.py", *QUICK, "--batch-size", "4", "--val-limit", "5",
+    ranks = [forked(tmp_path / f"rank{r}.log", as_main, "train.py", *QUICK, "--batch-size", "4", "--val-limit", "5",
                     "--out-dir", str(tmp_path), env=dict(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
                                                           MASTER_ADDR="127.0.0.1", MASTER_PORT=port))
              for r in (0, 1)]
-    for proc in map(finish, ranks):
-        assert proc.returncode == 0, proc.stdout
-    out = open(tmp_path / "rank0.log").read()
-    assert "2 process(es)" in out and "final val (5 images)" in out
+    rank0, rank1 = map(finish, ranks)
+    assert rank0.returncode == 0 and rank1.returncode == 0, rank0.stdout + rank1.stdout
+    assert "2 process(es)" in rank0.stdout and "final val (5 images)" in rank0.stdout
 
 
 # -----------------------------------------------------------------------------
