@@ -25,18 +25,11 @@ b_r is k = ceil(M h w / STREAM_SYMBOLS) rANS streams (one up to 512x1024, four a
 What the model and the image size determine is not sent: the channels, the latents' sizes, k.
 At 128x256 the header is 11 bytes (0.0027 bpp); keyed, 23 (0.0056 bpp).
 
-Every string is hostile until proven otherwise: it is decoded or refused with a ValueError
-that says why, its work bounded by its declared image size, the header checked before the
-payload is read (extras/bitstream_guard.py: unpack, and the rANS checks).
-What the CRC protects against: accidental damage (a cut, an extension, flipped bits) and
-strings of another model. What it does not: a forger. A CRC is linear, so one captured
-string gives away the model id, and a forger can then write strings that this decoder
-accepts: flipping the raw bits of an escape-coded value decodes to other masks. Against
-that, give edge and cloud the same key file (evaluate.py --key-file): a string made
-without the key is then refused. The MAC neither hides the masks nor stops a captured
-string from being sent again.
+Every string is hostile until proven otherwise: decoded or refused with a ValueError that says
+why, its work bounded by its declared image size, its header checked before the payload is read
+(extras/bitstream_guard.py). The CRC catches damage and strings of another model, not a forger:
+the keyed mode does (evaluate.py --key-file; bitstream_guard.py says what it protects).
 """
-import hmac
 import math
 import struct
 import warnings
@@ -57,7 +50,6 @@ STREAM_SYMBOLS = 2**17  # b_r is cut into rANS streams of at most this many symb
 MAX_IMAGE_PIXELS = 2048 * 4096  # the largest image a string may declare, counted on h^'s grid
 #                                  (bitstream_guard.check_image_size); 4x a Cityscapes frame
 KEYED = 0x08  # bit 3 of the format byte: the check value is a keyed MAC (docstring)
-MAC_BYTES = 16  # HMAC-SHA256 cut to 128 bits
 
 
 def bits_per_pixel(likelihoods, num_pixels):
@@ -75,14 +67,10 @@ def split_parameters(model):
 
 
 class HyperpriorCoder(nn.Module):
-    """Entropy models of the scale hyperprior [Balle et al. 2018] around a given HD.
-
-        h --EB--> h^ (b_h)  --HD--> sigma  --GC(0, sigma)--> r^ (b_r)
-
-    forward(r, h) gives r^ and the likelihoods (noise in training, rounding in eval);
-    compress/decompress mirror it with real bitstreams in the container above.
-    The entropy models always run in float32 (a float16 autocast underflows the 1e-9
-    likelihood floor and the rate becomes infinite; bf16 outside them is fine)."""
+    """Entropy models of the scale hyperprior [Balle et al. 2018] around a given HD:
+    h --EB--> h^ (b_h) --HD--> sigma --GC(0, sigma)--> r^ (b_r). forward(r, h) gives r^ and the
+    likelihoods (noise in training, rounding in eval); compress/decompress code real bitstreams.
+    The entropy models run in float32 (float16 underflows the 1e-9 likelihood floor)."""
 
     def __init__(self, HD: nn.Module, N=64, M=None):
         super().__init__()
@@ -134,9 +122,8 @@ class HyperpriorCoder(nn.Module):
         return crc
 
     def scale_indexes(self, sigma):
-        """The GaussianConditional's CDF index of each sigma: CompressAI's build_indexes (the
-        number of scale-table entries below sigma, after the lower bound) as one bucketize
-        instead of a pass per table entry (64), the same integers."""
+        """The GaussianConditional's CDF index of each sigma: CompressAI's build_indexes' integers
+        (scale-table entries below the lower-bounded sigma) by one bucketize, not 64 passes."""
         gc = self.gaussian_conditional
         return torch.bucketize(gc.lower_bound_scale(sigma), gc.scale_table[:-1].to(sigma)).int()
 
@@ -227,9 +214,8 @@ def r_split(t, k):
 
 
 def guard():
-    """The hostile-input checks (extras/bitstream_guard.py): the encoder takes only latents it can
-    code, and every string is decoded or refused with a ValueError in bounded time and memory.
-    The one import of extras/ in this file, made when bits are coded."""
+    """The hostile-input checks (extras/bitstream_guard.py), imported when bits are coded: the
+    encoder takes only latents it can code; every string is decoded or refused (ValueError)."""
     import extras.bitstream_guard
     return extras.bitstream_guard
 
@@ -266,20 +252,9 @@ def varint(n):
             return bytes(out)
 
 
-def check_value(model_id, head, payload, key=None):
-    """CRC32 (4 bytes) or, with a key, HMAC-SHA256 cut to 16 bytes, over the model id, the
-    header before the check value, and the payload."""
-    if key is None:
-        return struct.pack(">I", zlib.crc32(payload, zlib.crc32(head, zlib.crc32(struct.pack(">I", model_id)))))
-    mac = hmac.new(key, struct.pack(">I", model_id), "sha256")
-    mac.update(head)
-    mac.update(payload)
-    return mac.digest()[:MAC_BYTES]
-
-
 def pack(b_h, b_r, image_size, model_id, key=None):
     """The container (module docstring): header, check value, b_h, the list of b_r streams."""
     head = bytes([MAGIC | (KEYED if key is not None else 0) | VERSION, model_id & 0xFF])
     head += varint(image_size[0]) + varint(image_size[1]) + b"".join(varint(len(b)) for b in [b_h, *b_r[:-1]])
     payload = b_h + b"".join(b_r)
-    return head + check_value(model_id, head, payload, key) + payload
+    return head + guard().check_value(model_id, head, payload, key) + payload

@@ -93,15 +93,12 @@ class ASPP(nn.Module):
 
 
 def kaiming_init(module):
-    """Kaiming initialization (Supplement Table 3) for every conv; BN to identity."""
+    """Kaiming initialization (Supplement Table 3) for every conv; BN keeps PyTorch's identity start."""
     for m in module.modules():
         if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.BatchNorm2d):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
 
 
 # -----------------------------------------------------------------------------
@@ -208,12 +205,9 @@ class SD(nn.Module):
 
 
 class D(nn.Module):
-    """DeepLabv3 task decoder on z (or z^) [Chen et al. 2017], dilations 12/24/36.
-
-    head="torchvision": torchvision's DeepLabHead (1x1 projection, Dropout 0.5, 3x3 conv,
-                        classifier), the COCO baselines'.
-    head="mmseg":       MMSegmentation's ASPPHead (3x3 "bottleneck" projection, Dropout 0.1,
-                        classifier), the Cityscapes baselines'."""
+    """DeepLabv3 task decoder on z (or z^) [Chen et al. 2017], dilations 12/24/36: torchvision's
+    DeepLabHead (1x1 projection, Dropout 0.5, 3x3 conv; the COCO baselines') or, head="mmseg",
+    MMSegmentation's ASPPHead (3x3 "bottleneck" projection, Dropout 0.1; the Cityscapes ones')."""
 
     def __init__(self, C, S, F=256, head="torchvision", dilations=(12, 24, 36)):
         super().__init__()
@@ -234,26 +228,20 @@ class D(nn.Module):
 
 
 class DistributedSegmenter(nn.Module):
-    """One system of Fig. 5: edge | hyperprior | cloud. Edge and cloud are chains of named
-    modules (each cloud module called as module(y, image_size)); hyperprior is the coder of
-    (r, h), or None where nothing is sent. JD (ours, Fig. 1d): E, SE | coder | JD. Ahuja et al.
-    (Fig. 1c): E, SE | coder | SD, D. No Compression: E | - | D. forward(x) is the training path
-    (noisy latents, the likelihoods of Eq. (1)); compress(x), decompress(strings) the deployed
-    edge and cloud. output is "x_hat" for a cloud that rebuilds the image (extras/)."""
+    """One system of Fig. 5: edge | hyperprior (the coder of (r, h), None if nothing is sent) |
+    cloud, chains of named modules. JD (Fig. 1d): E, SE | coder | JD. Ahuja et al. (Fig. 1c):
+    E, SE | coder | SD, D. No Compression: E | - | D. forward(x) trains (noisy latents, Eq. (1));
+    compress / decompress are the deployed edge and cloud. output "x_hat": a cloud that rebuilds x."""
 
     def __init__(self, decoder, edge, hyperprior, cloud, output="logits"):
         super().__init__()
-        self.decoder, self.output = decoder, output
+        self.decoder, self.output, self.image_out = decoder, output, output == "x_hat"
         self.edge_names, self.cloud_names = list(edge), list(cloud)
         for name, module in edge.items():
             self.add_module(name, module)
         self.hyperprior = hyperprior
         for name, module in cloud.items():
             self.add_module(name, module)
-
-    @property
-    def image_out(self):
-        return self.output == "x_hat"
 
     def edge(self, x):
         for name in self.edge_names:
@@ -332,39 +320,11 @@ def save_checkpoint(obj, path):
     os.replace(tmp, path)
 
 
-def first_mismatch(error):
-    """The first detail line of load_state_dict's RuntimeError (a missing key or a shape)."""
-    lines = str(error).splitlines()
-    return lines[1].strip() if len(lines) > 1 else str(error)
-
-
-def read_weights(path):
-    """torch.load with weights_only=True: tensors and plain containers, never code, whatever
-    the torch version's default. ValueError naming the file if it is not such a file."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"no file at {path!r}")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # unpickling hostile bytes can fail in many ways; none may run code
-        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else "empty or cut short"
-        raise ValueError(f"{path} is not a readable PyTorch weights file ({type(e).__name__}: {reason})") from None
-    if not isinstance(obj, dict):
-        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
-    return obj
-
-
-def read_checkpoint(path):
-    """A train.py / reparam.py checkpoint dict ("model", "args", ...), loaded safely."""
-    ckpt = read_weights(path)
-    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("args"), dict):
-        what = "a plain state dict" if all(isinstance(v, torch.Tensor) for v in ckpt.values()) else "a dict"
-        raise ValueError(f"{path} is {what}, not a checkpoint of train.py or reparam.py (it has no "
-                         "'model' and 'args'); a state dict for E goes to --encoder-weights")
-    return ckpt
-
-
 def load_checkpoint(path, device="cpu"):
-    """(model in eval mode on `device`, checkpoint dict) from a train.py/reparam.py file."""
+    """(model in eval mode on `device`, checkpoint dict) from a train.py/reparam.py file, read
+    with weights_only=True (tensors and plain containers, never code); a file that is not such
+    a checkpoint, or whose weights do not fit its settings, is a ValueError that says why."""
+    from extras.weights import first_mismatch, read_checkpoint  # the checks of a file from outside
     ckpt = read_checkpoint(path)
     model = build_model(ckpt["args"])
     try:

@@ -31,10 +31,6 @@ def fuse_conv_bn(conv, bn):
     return conv.weight * t.reshape(-1, 1, 1, 1), bn.bias - bn.running_mean * t
 
 
-def pad_1x1_to_3x3(kernel):
-    return torch.nn.functional.pad(kernel, [1, 1, 1, 1])  # the 1x1 weight becomes the centre tap
-
-
 def equivalent_kernel_bias(block: SubBlock):
     """Sum of the fused branches of one ASPP sub-block (Fig. 4a: K dilated 3x3 + one 1x1;
     Fig. 4b: K 1x1)."""
@@ -42,7 +38,7 @@ def equivalent_kernel_bias(block: SubBlock):
     for conv, bn in block.branches:
         k, b = fuse_conv_bn(conv, bn)
         if k.shape[-1] == 1 and block.kernel_size == 3:
-            k = pad_1x1_to_3x3(k)
+            k = torch.nn.functional.pad(k, [1, 1, 1, 1])  # the 1x1 weight becomes the centre tap
         kernel, bias = kernel + k, bias + b
     return kernel, bias
 
@@ -88,16 +84,14 @@ def main():
     model, ckpt = load_checkpoint(args.ckpt)
     deployed = reparameterize(model)
 
-    def cloud_params(m):
-        return sum(p.numel() for mod in (m.hyperprior, m.JD) for p in mod.parameters())
-
+    cloud_params = [sum(p.numel() for mod in (m.hyperprior, m.JD) for p in mod.parameters()) for m in (model, deployed)]
     cfg = ckpt["args"]
     val, _ = val_dataset(cfg, limit=args.n_images)  # the images the checkpoint was trained on
     x = torch.stack([val[i][0] for i in range(len(val))])
     with torch.no_grad():
         diff = (model(x)["logits"] - deployed(x)["logits"]).abs().max().item()
     print(f"{'':24s} {'training time (K=' + str(cfg['K']) + ')':>22s} {'deployed':>12s}")
-    print(f"{'cloud params (JD + HD)':24s} {cloud_params(model):22,d} {cloud_params(deployed):12,d}")
+    print(f"{'cloud params (JD + HD)':24s} {cloud_params[0]:22,d} {cloud_params[1]:12,d}")
     print(f"{'whole model params':24s} {sum(p.numel() for p in model.parameters()):22,d} "
           f"{sum(p.numel() for p in deployed.parameters()):12,d}")
     print(f"max |logits difference| on {len(x)} val images, eval mode, float32: {diff:.2e}")

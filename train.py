@@ -11,14 +11,12 @@ then evaluate it on the val set through real bitstreams.
     torchrun --standalone --nproc_per_node 2 train.py --max-iters 20   # DDP (gloo on CPU, nccl on GPUs)
     python train.py --dataset cityscapes --K 3 --print-config          # Suppl. Table 3, resolved
 
-A dataset preset (--dataset, data.PRESETS) fills in only the settings you did not give. The
-systems beyond the method train here too (--decoder codec, jsde, inversion; --image-codec;
---edge-from): their options are extras/train_options.py's.
+extras/train_options.py resolves and checks the flags, and holds the options of the systems
+beyond the method that train here too (--decoder codec, jsde, inversion; --image-codec; --edge-from).
 """
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
@@ -29,18 +27,18 @@ from torch.nn.functional import cross_entropy
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, DistributedSampler
 
-from data import DATASETS, PRESETS, get_dataset, preset
+from data import DATASETS, get_dataset, val_dataset
 from entropy import bits_per_pixel, split_parameters
 from evaluate import evaluate, quality
-from model import DECODERS, EXTRA_SYSTEMS, MODEL_KEYS, build_model, read_checkpoint, save_checkpoint
+from extras import train_options  # the flags resolved and checked; the options beyond the method
+from model import DECODERS, build_model, save_checkpoint
 
 if hasattr(sys.stdout, "reconfigure"):
     sys.stdout.reconfigure(line_buffering=True)  # log lines appear at once, also through a pipe
 
 # -----------------------------------------------------------------------------
-# config. Settings that depend on the dataset come from data.PRESETS (one table: the demo's
-# column and Suppl. Table 3's); the others default to DEFAULTS below. Only the flags you give
-# override them; --help shows both.
+# config: the dataset's preset (data.PRESETS: the demo's column and Suppl. Table 3's), else
+# DEFAULTS; only the flags you give override them; --help shows both.
 
 DEFAULTS = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd", edge_from=None,
                 image_codec=None, learned_codec=None, codec_weights=None, clip=1.0, resume=None, seed=0,
@@ -48,19 +46,7 @@ DEFAULTS = dict(dataset="synthetic", data_root=None, val_limit=None, decoder="jd
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
                             argument_default=argparse.SUPPRESS)  # parsed = only the flags given
-
-
-def flag(name, help, **kw):
-    """An argparse flag whose help ends with its default, and the presets' where they differ."""
-    key = name[2:].replace("-", "_")
-    if key in PRESETS:
-        demo, *paper = ("none" if v is None else v for v in PRESETS[key])
-        others = [f"{d} {v}" for d, v in zip(DATASETS[1:], paper) if v != demo]
-        help += f" (default {demo}" + (f"; {', '.join(others)}" if others else "") + ")"
-    elif key in DEFAULTS and DEFAULTS[key] is not None and DEFAULTS[key] is not False:
-        help += f" (default {DEFAULTS[key]})"
-    p.add_argument(name, help=help.replace("%", "%%"), **kw)
-
+flag = train_options.flag_adder(p, DEFAULTS)  # p.add_argument; the help ends with the defaults, the presets'
 
 # data
 flag("--dataset", "data and paper preset", choices=DATASETS)
@@ -85,15 +71,7 @@ flag("--freeze-encoder", "jd, ahuja: keep that E (and D) fixed, as [1]; --no-fre
 flag("--encoder-weights", "E's start in a No Compression run (jsde: its ResNet stages'): imagenet or deeplabv3-coco "
      "(torchvision's weights, downloaded once into $TORCH_HOME/hub/checkpoints), none (random), or a ResNet / "
      "DeepLabv3 state dict or train.py checkpoint (with --decoder none, a file's DeepLabv3 head goes into D too)")
-# the systems beyond the method (extras/train_options.py)
-flag("--edge-from", "train only a new cloud decoder, on the frozen edge (E, SE, coder, HD) of this checkpoint")
-flag("--image-codec", "No Compression fine-tuned on images decoded by this codec (jpeg, webp, avif, hevc, "
-     "learned) at random qualities (Fig. 1a), from the No Compression model (default: --nocomp-model's)")
-flag("--learned-codec", "with --image-codec learned: train.py --decoder codec checkpoints, one per rate", nargs="+")
-flag("--codec-N", "the image codec's (codec, jsde) hyper-latent channels N", type=int)
-flag("--codec-M", "the image codec's (codec, jsde) latent channels M", type=int)
-flag("--codec-weights", "jsde: the image codec's start, a --decoder codec checkpoint or a CompressAI state dict "
-     "(default: out/<dataset>_codec/ckpt.pt if there)")
+train_options.add_flags(flag)  # the systems beyond the method: --edge-from, --image-codec, --codec-*
 # rate
 flag("--alpha", "RD trade-off of Eq. (3), in (0, 1]; higher = more bits", type=float)
 # optim
@@ -116,59 +94,7 @@ flag("--num-workers", "DataLoader worker processes", type=int)
 p.add_argument("--print-config", action="store_true", help="print the resolved settings and exit")
 
 cli = vars(p.parse_args())
-print_config = cli.pop("print_config", False)
-if "resume" in cli:  # settings come from the checkpoint; the model's may not change
-    try:
-        ckpt = read_checkpoint(cli["resume"])
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(f"--resume: {e}")
-    if ckpt["args"].get("deployed"):
-        sys.exit(f"{cli['resume']} is a deployed (fused) checkpoint for inference; resume from the training one")
-    differ = [f"--{k.replace('_', '-')} {cli[k]} (checkpoint: {ckpt['args'].get(k)})"
-              for k in MODEL_KEYS + ("dataset", "size") if k in cli and cli[k] != ckpt["args"].get(k)]
-    if differ:
-        sys.exit(f"cannot resume {cli['resume']}: it was trained with other settings: {'; '.join(differ)}")
-    # DEFAULTS and the preset first: settings added since the checkpoint was saved (E then trained jointly)
-    config = {**DEFAULTS, **preset(ckpt["args"]["dataset"]), "nocomp_model": None, "freeze_encoder": False,
-              **ckpt["args"], **cli}
-else:
-    config = {**DEFAULTS, **preset(cli.get("dataset", DEFAULTS["dataset"])), **cli}
-args = argparse.Namespace(**config)
-if args.decoder in EXTRA_SYSTEMS or any(getattr(args, k) for k in ("edge_from", "image_codec", "learned_codec",
-                                                                   "codec_weights")):
-    from extras import train_options  # a system or option beyond the method: its defaults and checks
-    error = train_options.configure(args, cli)
-    if error:
-        sys.exit(error)
-if args.dataset != "synthetic" and "size" in cli:
-    sys.exit("--size sets the synthetic scenes' size; the real datasets take --crop")
-if not args.resume:  # the paper's protocol (Sec. 4.2): JD and Ahuja et al. start from the No Compression model
-    coder = args.decoder in ("jd", "ahuja") and not args.edge_from
-    if coder and "encoder_weights" in cli and "nocomp_model" not in cli:
-        args.nocomp_model = "none"  # E's start given: from there, trained jointly
-    if not coder or args.nocomp_model == "none":
-        if cli.get("freeze_encoder"):
-            sys.exit("--freeze-encoder keeps the No Compression model's E fixed: use it with --nocomp-model")
-        args.nocomp_model, args.freeze_encoder = args.nocomp_model if coder else None, False
-    if args.decoder == "none" and "out_dir" not in cli and not args.image_codec:
-        args.out_dir += "_none"  # out/synthetic_none: where the feature coders look for it
-for bad, message in [  # user errors: one line each, before anything is built
-        (not 0 < args.alpha <= 1, f"--alpha {args.alpha}: must be in (0, 1]; Eq. (3) weighs the CE by alpha"),
-        (args.K < 0, f"--K {args.K}: the branches per sub-block must be 0 (plain ASPP) or more"),
-        (args.decoder == "jd" and args.F % 64, f"--F {args.F}: JD's DWUpConv has 64 groups, so F must be a "
-                                               "multiple of 64"),
-        (args.max_iters is not None and args.max_iters < 0, f"--max-iters {args.max_iters}: must be 0 or more"),
-        (args.epochs is not None and args.epochs < 1, f"--epochs {args.epochs}: must be 1 or more"),
-        (args.batch_size < 1, f"--batch-size {args.batch_size}: must be 1 or more"),
-        (args.lr <= 0 or args.lr_aux <= 0, "--lr and --lr-aux must be positive"),
-        (args.eval_interval < 1 or args.log_interval < 1, "--eval-interval and --log-interval must be 1 or more")]:
-    if bad:
-        sys.exit(message)
-if print_config:
-    print(json.dumps(vars(args), indent=2))
-    print("fixed in the code: Adam betas (0.9, 0.99), weight decay 0, poly LR power 0.9, Kaiming init"
-          + ("; max_iters = epochs * (training images // batch)" if args.epochs else ""))
-    sys.exit(0)
+args, ckpt = train_options.resolve(cli, DEFAULTS)  # preset, --resume, the protocol's defaults, checks
 
 # -----------------------------------------------------------------------------
 # processes and devices
@@ -185,55 +111,23 @@ else:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
 master = rank == 0  # only rank 0 logs and saves
 device_type = "cuda" if device.startswith("cuda") else "cpu"
-if args.batch_size % world_size:
-    sys.exit(f"--batch-size {args.batch_size} must divide over {world_size} processes")
-batch = args.batch_size // world_size  # per process; the effective batch stays the preset's
-if batch < 2:
-    sys.exit("each process needs a batch of at least 2: BatchNorm after ASPP's global pooling "
-             "sees one value per channel and image")
-
-
-def check_out_dir():
-    """A place to write, checked before any training."""
-    try:
-        os.makedirs(args.out_dir, exist_ok=True)
-        with open(os.path.join(args.out_dir, ".write_test"), "w"):
-            pass
-        os.remove(os.path.join(args.out_dir, ".write_test"))
-    except OSError as e:
-        sys.exit(f"--out-dir {args.out_dir}: cannot write there ({e.strerror or e})")
-
+batch = train_options.per_process_batch(args.batch_size, world_size)  # the effective batch stays the preset's
 
 # -----------------------------------------------------------------------------
-# stage 1: the No Compression model that JD and Ahuja et al. start from. The demo trains its own
-# the first time, with this run's data, network and schedule flags; the real datasets name the command.
+# stage 1 (Sec. 4.2): the No Compression model that JD and Ahuja et al. start from. The demo trains
+# its own the first time, with this run's data, network and schedule flags; the real datasets name the command.
 
 if args.nocomp_model not in (None, "none", "deeplabv3-coco") and not os.path.isfile(args.nocomp_model):
-    make = ["--dataset", args.dataset, "--decoder", "none", "--out-dir", os.path.dirname(args.nocomp_model)]
-    if args.dataset != "synthetic" or ddp:
-        sys.exit(f"--nocomp-model {args.nocomp_model}: not there. JD and Ahuja et al. start from the trained No "
-                 f"Compression model (Sec. 4.2): make it first with python train.py {' '.join(make)}")
-    for k in ("size", "val_limit", "encoder", "F", "head", "max_iters", "epochs", "batch_size", "lr", "lr_aux",
-              "clip", "device", "amp", "compile", "eval_interval", "log_interval", "num_workers"):
-        v = cli.get(k)
-        make += [] if v is None or v is False else [f"--{k.replace('_', '-')}"] + \
-            ([] if v is True else [str(x) for x in (v if isinstance(v, list) else [v])])
-    check_out_dir()
-    print(f"stage 1: the No Compression model, python train.py {' '.join(make)}")
-    if subprocess.run([sys.executable, os.path.abspath(__file__), *make]).returncode:
-        sys.exit(f"stage 1 failed: the No Compression model is not at {args.nocomp_model}")
-    print(f"stage 2: {args.decoder} from {args.nocomp_model}")
+    train_options.make_nocomp_model(args, cli, ddp, os.path.abspath(__file__))
 
 # -----------------------------------------------------------------------------
 # data
 
 try:
     train_ds = get_dataset(args.dataset, "train", args.data_root, args.crop, args.seed, args.size)
-    val_ds = get_dataset(args.dataset, "val", args.data_root, None, args.seed, args.size)
+    val_ds, _ = val_dataset(vars(args), limit=args.val_limit)  # its first --val-limit images if given
 except (ValueError, FileNotFoundError) as e:  # missing data: the message shows the layout
     sys.exit(str(e))
-if args.val_limit:
-    val_ds = torch.utils.data.Subset(val_ds, range(min(args.val_limit, len(val_ds))))
 if args.epochs and "max_iters" not in cli:  # COCO's recipe counts epochs
     args.max_iters = args.epochs * (len(train_ds) // args.batch_size)
 
@@ -261,16 +155,9 @@ def train_batches(start_iter):
 
 torch.manual_seed(args.seed)
 model = build_model(vars(args))
-if not args.resume:  # E's start (torchvision's weights or a file), JSDE's codec, or another run's edge
-    from extras.train_options import start
-    try:
-        lines = start(model, args)
-    except (ValueError, FileNotFoundError) as e:
-        sys.exit(str(e))
-    for line in lines if master else []:
-        print(line)
-EDGE = ("E", "SE", "hyperprior")  # what makes the bitstreams (HD too: both ends need it)
-frozen = [getattr(model, name) for name in EDGE if hasattr(model, name)] if args.edge_from else []
+if not args.resume:  # E from the No Compression model (Sec. 4.2) or other weights, JSDE's codec, another edge
+    train_options.start(model, args, master)
+frozen = train_options.frozen_edge(model) if args.edge_from else []  # E, SE, coder: another run's
 if args.freeze_encoder:  # [1]'s setup: the No Compression model's E (and Ahuja's D) fixed, only the new parts train
     frozen += [model.E] + ([model.D] if args.decoder == "ahuja" else [])
 for m in frozen:
@@ -318,7 +205,7 @@ def checkpoint():
 # training loop
 
 if master:
-    check_out_dir()
+    train_options.check_out_dir(args.out_dir)
     n_params = sum(p.numel() for p in raw_model.parameters())
     print(f"{args.decoder} on {args.dataset}: {n_params / 1e6:.2f} M parameters, {world_size} process(es) "
           f"on {device}, batch {args.batch_size}, {args.max_iters} iterations from {iter_num}")
@@ -331,11 +218,9 @@ while iter_num < args.max_iters:
     model.train()
     for m in frozen:  # frozen modules keep their BN statistics (and a frozen edge codes by rounding)
         m.eval()
-    for group in optimizer.param_groups:
-        group["lr"] = get_lr(args.lr, iter_num)
-    if aux_optimizer:
-        for group in aux_optimizer.param_groups:
-            group["lr"] = get_lr(args.lr_aux, iter_num)
+    for opt, lr0 in [(optimizer, args.lr), (aux_optimizer, args.lr_aux)]:
+        for group in opt.param_groups if opt else []:
+            group["lr"] = get_lr(lr0, iter_num)
     x, y = next(batches)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     # the noise of the rate model and dropout depend on (seed, rank, iteration) only: exact resume
@@ -373,8 +258,7 @@ while iter_num < args.max_iters:
     optimizer.step()
     if aux_optimizer:  # the aux loss fits the quantiles of h's factorized prior (CompressAI)
         aux_optimizer.zero_grad(set_to_none=True)
-        aux_loss = raw_model.hyperprior.aux_loss()
-        aux_loss.backward()
+        raw_model.hyperprior.aux_loss().backward()
         aux_optimizer.step()
     iter_num += 1
 

@@ -1,7 +1,8 @@
 """
 What goes beyond the method: one concept per file. The method's files (model.py, entropy.py,
-reparam.py, data.py) never import this folder at module level; train.py and evaluate.py import
-from it inside the modes that need it.
+reparam.py, data.py, evaluate.py) never import this folder at module level; train.py imports
+train_options.py (its flags resolved and checked), and both import the rest inside the modes
+that need it.
 
     image_codecs.py     Fig. 1a's conventional pipelines: JPEG, WebP, AVIF, HEVC, a learned codec
     learned_codec.py    the project's learned image codec (scale hyperprior), train.py --decoder codec
@@ -14,9 +15,11 @@ from it inside the modes that need it.
     fast_cloud.py       the deployed cloud's fast path (the same masks): evaluate.py --fast, the benchmark
     benchmark.py        JD vs Ahuja et al.'s cloud and training steps timed: evaluate.py --benchmark
     bitstream_guard.py  the container's hostile-input checks (its header read: unpack), called by
-                        entropy.py; the key file;
+                        entropy.py; the check value and the keyed mode (the key file);
                         what each declared size costs: evaluate.py --hostile
-    weights.py          pretrained weights (torchvision's API, the hub cache), --edge-from
-    train_options.py    train.py's options for these systems: defaults, checks, starting weights
+    weights.py          weight files read safely (model.load_checkpoint's checks); pretrained
+                        weights (torchvision's API, the hub cache); --edge-from
+    train_options.py    train.py's flags resolved and checked (presets, --resume, the protocol's
+                        stage 1), and the options of these systems: defaults, starting weights
     test_extras.py      their tests, run with test_all.py by `python -m pytest -q`
 """

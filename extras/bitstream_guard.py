@@ -6,6 +6,7 @@ entropy.py calls them at each step; a string is then decoded or refused with a V
 says why, in bounded time and memory (tested by a fuzz in a forked process, extras/test_extras.py).
 
     check_image_size       the work a header may declare: its image size, bounded
+    check_value            the container's CRC32, or with a key file its MAC
     unpack                 the header and check value, checked before any decoding
     check_codable          the encoder takes only symbols it can code exactly
     check_payload_length   a payload is whole 32-bit words, at least 8 bytes (as rANS writes)
@@ -13,15 +14,26 @@ says why, in bounded time and memory (tested by a fuzz in a forked process, extr
     max_container_bytes    the largest legal file, for readers that cap what they read
     read_key               the shared secret of the keyed mode
     main                   what strings of each declared size cost the cloud, side by side
+
+What the CRC protects against: accidental damage (a cut, an extension, flipped bits) and
+strings of another model. What it does not: a forger. A CRC is linear, so one captured
+string gives away the model id, and a forger can then write strings that this decoder
+accepts: flipping the raw bits of an escape-coded value decodes to other masks. Against
+that, give edge and cloud the same key file (evaluate.py --key-file): a string made
+without the key is then refused. The MAC neither hides the masks nor stops a captured
+string from being sent again.
 """
 import hmac
 import math
+import struct
+import zlib
 
 import numpy as np
 import torch
 
 import entropy
 
+MAC_BYTES = 16  # the keyed check value: HMAC-SHA256 cut to 128 bits
 LATENT_LIMIT = 2**20  # |symbol| beyond this is refused: CompressAI's escape coding of a value
 #                       needs n_bypass * 4 < 32 bits, or its encoder loops forever
 
@@ -41,6 +53,17 @@ def check_image_size(image_size):
         raise ValueError(f"a {H}x{W} image, {64 * hh}x{64 * hw} on h^'s grid of 64x64 cells: the container "
                          f"takes 1 to {entropy.MAX_IMAGE_PIXELS} pixels on that grid (entropy.MAX_IMAGE_PIXELS, "
                          "evaluate.py --max-image-pixels)")
+
+
+def check_value(model_id, head, payload, key=None):
+    """CRC32 (4 bytes) or, with a key, HMAC-SHA256 cut to 16 bytes, over the model id, the
+    header before the check value, and the payload."""
+    if key is None:
+        return struct.pack(">I", zlib.crc32(payload, zlib.crc32(head, zlib.crc32(struct.pack(">I", model_id)))))
+    mac = hmac.new(key, struct.pack(">I", model_id), "sha256")
+    mac.update(head)
+    mac.update(payload)
+    return mac.digest()[:MAC_BYTES]
 
 
 def read_varint(data, pos, name):
@@ -89,7 +112,7 @@ def unpack(data, model_id, N, M, key=None):
     for name in names:
         n, pos = read_varint(data, pos, f"the length of {name}")
         lengths.append(n)
-    end = pos + (entropy.MAC_BYTES if key is not None else 4)
+    end = pos + (MAC_BYTES if key is not None else 4)
     longest = end + 4 * (M * math.prod(entropy.latent_size((H, W))) + N * math.prod(entropy.hyper_size((H, W))))
     if len(data) > longest:  # no encoder writes more than 4 bytes a symbol (rans_decode)
         raise ValueError(f"bitstream of {len(data)} bytes is longer than any of a {H}x{W} image ({longest})")
@@ -97,10 +120,10 @@ def unpack(data, model_id, N, M, key=None):
         raise ValueError(f"truncated bitstream: {len(data)} bytes, the header alone is {end}")
     data = bytes(data)  # no copy of bytes
     payload = memoryview(data)[end:]
-    if not hmac.compare_digest(entropy.check_value(model_id, data[:pos], payload, key), data[pos:end]):
+    if not hmac.compare_digest(check_value(model_id, data[:pos], payload, key), data[pos:end]):
         raise ValueError("corrupted bitstream: the check value does not match (damaged, cut or extended in "
                          "transit" + (", or not made with this key)" if key is not None else ")"))
-    # a valid CRC says only that the sender knows our model id (entropy.py): the rest is checked too
+    # a valid CRC says only that the sender knows our model id (module docstring): the rest is checked too
     streams, start = [], 0
     for name, n in zip(names, lengths):
         if start + n > len(payload):
@@ -184,11 +207,11 @@ def max_container_bytes(N, M, keyed=False):
     check_image_size), and each varint of the header has at most 3 bytes."""
     P = entropy.MAX_IMAGE_PIXELS
     k = -(-M * (P // 256) // entropy.STREAM_SYMBOLS)  # b_r's streams at most
-    return 4 * (M * (P // 256) + N * (P // 4096)) + 2 + 3 * (3 + k - 1) + (entropy.MAC_BYTES if keyed else 4)
+    return 4 * (M * (P // 256) + N * (P // 4096)) + 2 + 3 * (3 + k - 1) + (MAC_BYTES if keyed else 4)
 
 
 def read_key(path):
-    """The shared secret of the keyed mode (entropy.py's docstring): 16 to 1024 bytes from a file,
+    """The shared secret of the keyed mode (module docstring): 16 to 1024 bytes from a file,
     the same on edge and cloud (make one with: head -c 32 /dev/urandom > key)."""
     with open(path, "rb") as f:
         key = f.read(1025)

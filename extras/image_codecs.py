@@ -18,8 +18,8 @@ from compressai.zoo.image import model_urls  # noqa: E402
 from compressai.zoo.pretrained import load_pretrained  # noqa: E402
 from data import denormalize, normalize  # noqa: E402
 from evaluate import Progress, confusion_matrix, iou, num_classes  # noqa: E402
-from extras.weights import hub_file  # noqa: E402
-from model import load_checkpoint, read_weights  # noqa: E402
+from extras.weights import hub_file, read_weights  # noqa: E402
+from model import load_checkpoint  # noqa: E402
 
 # codec -> (label, Pillow format, qualities of its RD sweep). bpp counts every byte of the
 # file sent: at 128x256 a HEIF container's ~400 fixed bytes are 0.1 bpp, AVIF's ~300.

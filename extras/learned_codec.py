@@ -13,7 +13,8 @@ import torch.nn as nn
 from entropy import HyperpriorCoder
 from compressai.models import ScaleHyperprior  # noqa: E402
 from compressai.zoo.pretrained import load_pretrained  # noqa: E402
-from model import DistributedSegmenter, first_mismatch, kaiming_init, read_weights  # noqa: E402
+from extras.weights import first_mismatch, read_weights  # noqa: E402
+from model import DistributedSegmenter, kaiming_init  # noqa: E402
 
 
 class CodecSE(nn.Module):

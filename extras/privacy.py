@@ -20,7 +20,8 @@ from evaluate import Progress, add_common_flags, evaluate, quality, write_csv
 from extras.image_codecs import IMAGE_CODECS, add_codec_flags, code_images, use_codec_flags
 from extras.pictures import label_picture
 from extras.image_quality import as_shown, psnr, ssim, to_unit
-from model import E, HD, SD, SE, DistributedSegmenter, conv_bn, kaiming_init, load_checkpoint, read_checkpoint
+from extras.weights import read_checkpoint
+from model import E, HD, SD, SE, DistributedSegmenter, conv_bn, kaiming_init, load_checkpoint
 
 
 class Inversion(nn.Module):

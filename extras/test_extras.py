@@ -598,7 +598,7 @@ def mutations():
         s = forge(b_h, b_r)
         at = rng.randrange(2, 4)  # H or W (one byte each here) in two bytes, the check value fixed
         head = s[:at] + bytes([s[at] | 0x80, 0]) + s[at + 1:-len(b_h + b"".join(b_r)) - 4]
-        yield head + entropy.check_value(mid, head, b_h + b"".join(b_r)) + b_h + b"".join(b_r)
+        yield head + guard.check_value(mid, head, b_h + b"".join(b_r)) + b_h + b"".join(b_r)
         yield forge(rand(rng.randrange(0, 16)), [rand(rng.randrange(0, 16)) for s in b_r])  # short random payloads
         yield forge(b_h, b_r[:j] + [rand(4 * rng.randrange(2, 300))] + b_r[j + 1:])  # a random stream after a valid b_h
         yield forge(rand(4 * rng.randrange(2, 40)), [rand(4 * rng.randrange(2, 300)) for s in b_r])

@@ -1,16 +1,55 @@
 """
-Pretrained weights: E's from torchvision's weights API (ImageNet ResNets, DeepLabv3 trained on
-COCO with the VOC classes: the paper's COCO No Compression model), downloaded once into the
-torch hub cache ($TORCH_HOME/hub/checkpoints/) as torchvision does; a file already there loads
-with no network. Also the head D of a torchvision DeepLabv3 file or a No Compression checkpoint,
-and the frozen edge of another checkpoint (train.py --edge-from).
+Weight files. Any file from outside is read with weights_only=True (tensors and plain
+containers, never code) and refused by a one-line ValueError if it is not what it should be
+(read_weights, read_checkpoint; model.load_checkpoint uses them). Pretrained weights: E's from
+torchvision's weights API (ImageNet ResNets, DeepLabv3 trained on COCO with the VOC classes: the
+paper's COCO No Compression model), downloaded once into the torch hub cache
+($TORCH_HOME/hub/checkpoints/) as torchvision does; a file already there loads with no network.
+Also the head D of a torchvision DeepLabv3 file or a No Compression checkpoint, and the frozen
+edge of another checkpoint (train.py --edge-from).
 """
 import os
 
 import torch
 import torchvision
 
-from model import first_mismatch, read_checkpoint, read_weights
+# -----------------------------------------------------------------------------
+# reading any weights file safely
+
+
+def first_mismatch(error):
+    """The first detail line of load_state_dict's RuntimeError (a missing key or a shape)."""
+    lines = str(error).splitlines()
+    return lines[1].strip() if len(lines) > 1 else str(error)
+
+
+def read_weights(path):
+    """torch.load with weights_only=True: tensors and plain containers, never code, whatever
+    the torch version's default. ValueError naming the file if it is not such a file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"no file at {path!r}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # unpickling hostile bytes can fail in many ways; none may run code
+        reason = str(e).strip().splitlines()[0][:120] if str(e).strip() else "empty or cut short"
+        raise ValueError(f"{path} is not a readable PyTorch weights file ({type(e).__name__}: {reason})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"{path} holds a {type(obj).__name__}, not a state dict or checkpoint")
+    return obj
+
+
+def read_checkpoint(path):
+    """A train.py / reparam.py checkpoint dict ("model", "args", ...), loaded safely."""
+    ckpt = read_weights(path)
+    if not isinstance(ckpt.get("model"), dict) or not isinstance(ckpt.get("args"), dict):
+        what = "a plain state dict" if all(isinstance(v, torch.Tensor) for v in ckpt.values()) else "a dict"
+        raise ValueError(f"{path} is {what}, not a checkpoint of train.py or reparam.py (it has no "
+                         "'model' and 'args'); a state dict for E goes to --encoder-weights")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# pretrained weights, E's and D's
 
 # E's pretrained weights through torchvision's weights API: (source, encoder) -> weights
 PRETRAINED = {
