@@ -339,7 +339,7 @@ def main(args):
     ds, full = val_dataset(ckpt["args"], args.split, args.limit, args.data_root)
     if args.key_file and model.hyperprior:
         from extras.bitstream_guard import read_key
-        model.hyperprior.key = read_key(args.key_file)  # keyed strings only (entropy.py's docstring)
+        model.hyperprior.key = read_key(args.key_file)  # keyed strings only (extras/bitstream_guard.py)
     if model.image_out and (args.from_bitstreams or args.save_vis):
         raise ValueError(f"--from-bitstreams and --save-vis score and draw masks; a {model.decoder} model "
                          "rebuilds images (--privacy draws them)")
