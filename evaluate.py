@@ -243,7 +243,7 @@ def plot_rd(rows, path, title="", by=None):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=100)
+    fig, ax = plt.subplots(figsize=(9.5, 4.5), dpi=100)
     from extras.image_codecs import IMAGE_CODECS
     styles = {"jd": ("o-", "C3", "JD (ours, Fig. 1d)"), "ahuja": ("s-", "C0", "Ahuja et al. SD + D (Fig. 1c)"),
               "jsde": ("D-", "C8", "JSDE, Torfason et al. (Fig. 1b)")}
@@ -268,7 +268,7 @@ def plot_rd(rows, path, title="", by=None):
         ax.axhline(r["miou"], color="k", ls=":", label="No Compression")
     ax.set(xscale="log", xlabel="bits per pixel (real bitstreams and files)", ylabel="mIoU", title=title)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the axes: no point hidden
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

@@ -938,7 +938,7 @@ def test_rd_csv_and_plot(ckpts, tmp_path):
                                                 "--csv", str(csv), "--plot", str(png)])
     lines = csv.read_text().splitlines()
     assert len(lines) == 1 + 2 and lines[1].split(",")[2] == "jd"
-    assert Image.open(png).size == (700, 450)  # a PNG that decodes, at figsize (7, 4.5) and 100 dpi
+    assert Image.open(png).size == (950, 450)  # a PNG that decodes, at figsize (9.5, 4.5) and 100 dpi
     run(["--rd", ckpts["jd"], ckpts["none"], "--limit", "2", "--csv", str(csv),
                                                 "--image-codecs", "jpeg,webp", "--codec-qualities", "10", "60"])
     rows = [dict(zip(lines[0].split(","), line.split(","))) for line in csv.read_text().splitlines()[1:]]
@@ -951,7 +951,7 @@ def test_rd_csv_and_plot(ckpts, tmp_path):
     assert again[2]["quality"] == 10 and again[0]["miou"] == pytest.approx(float(rows[0]["miou"]))
     png.unlink()
     run(["--rd", ckpts["jd"], ckpts["ahuja"], "--limit", "2", "--plot", str(png), "--plot-by", "F", "K"])
-    assert Image.open(png).size == (700, 450)  # a curve per F and K (Figs. 7, 8)
+    assert Image.open(png).size == (950, 450)  # a curve per F and K (Figs. 7, 8)
 
 
 def test_save_vis(ckpts, tmp_path):
