@@ -74,9 +74,9 @@ class FoldedTailJD(JD):
     """JD whose DWUpConv and 1x1 classifier run as one dense sub-pixel conv. Nothing
     nonlinear lies between them in Fig. 3, so classifier o DWUpConv is one transposed conv
     from F to S channels: on the 4 output phases, kernel[s, phase] = sum_c W_cls[s, c] *
-    kernel_up[c, phase]. That replaces a grouped transposed conv, which PyTorch runs at under
-    2 GMAC/s on CPU, and its (B, F, H/8, W/8) output by a dense conv to 4S channels. conv3's
-    BN is folded into its conv (eval mode: an affine map per channel)."""
+    kernel_up[c, phase]. That replaces a grouped transposed conv (slow in PyTorch on a CPU:
+    docs/experiments.md, the cloud benchmark) and its (B, F, H/8, W/8) output by a dense conv to
+    4S channels. conv3's BN is folded into its conv (eval mode: an affine map per channel)."""
 
     def forward(self, r_hat, image_size, upsample=True):
         k3, b3 = fuse_conv_bn(self.conv3[0], self.conv3[1])  # conv3 = conv, BN, ReLU
