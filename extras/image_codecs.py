@@ -127,7 +127,6 @@ def codec_rd(model, dataset, device, codec, qualities=None, batch_size=8):
     return rows
 
 
-
 def codec_points(model, dataset, device, row, codecs, finetuned, qualities=None):
     """evaluate.py --rd's rows of Fig. 1a for a No Compression checkpoint (its `row`): each
     codec's points, plain, or fine-tuned on that codec's images (train.py --image-codec)."""
@@ -139,6 +138,7 @@ def codec_points(model, dataset, device, row, codecs, finetuned, qualities=None)
             print(f"  {IMAGE_CODECS[codec][0]}{' fine-tuned' if finetuned else ''} q={r['quality']}: "
                   f"mIoU {r['miou']:.4f}, bpp {r['bpp_real']:.4f}")
     return rows
+
 
 def add_codec_flags(p):
     """The flags of the commands that run the pipelines (evaluate.py --rd, --privacy)."""

@@ -139,11 +139,10 @@ def privacy(ckpts, device, split="val", limit=None, data_root=None, codecs=("jpe
     # the picture: the original, each attack, and each codec at the rate nearest to each attack's
     x = ds[0][0][None]
     for codec in codecs:
-        near = {min((r for r in rows if r["system"] == codec), key=lambda r: abs(math.log(r["bpp_real"] / b)))["quality"]
-                for _, _, b in panels[: len(ckpts)]}
-        for q in sorted(near):
+        for q in sorted({nearest(rows, codec, b)["quality"] for _, _, b in panels[: len(ckpts)]}):
             decoded, n_bytes = code_images(x, codec, q)
-            panels.append((to_unit(decoded), f"{IMAGE_CODECS[codec][0].split(' ')[0]} q={q}", 8 * n_bytes / x[0, 0].numel()))
+            name = IMAGE_CODECS[codec][0].split(" ")[0]
+            panels.append((to_unit(decoded), f"{name} q={q}", 8 * n_bytes / x[0, 0].numel()))
     x01 = as_shown(x)
     panels.insert(len(ckpts), (painting, "mask only", None))
     images = [(x01, "original", None)] + [(torch.round(255 * p.cpu()) / 255, t, b) for p, t, b in panels]
@@ -157,6 +156,11 @@ def privacy(ckpts, device, split="val", limit=None, data_root=None, codecs=("jpe
     return rows, grid
 
 
+def nearest(rows, codec, bpp):
+    """The row of `codec` nearest in rate to `bpp` (on a log scale)."""
+    return min((r for r in rows if r["system"] == codec), key=lambda r: abs(math.log(r["bpp_real"] / bpp)))
+
+
 def print_privacy(rows):
     """Each attack beside the codecs' points nearest in rate."""
     print("attack on the bits vs an image code decoded normally, at the nearest rate:")
@@ -165,9 +169,10 @@ def print_privacy(rows):
             if r["system"] == "mask only":
                 print(f"  the mask alone (class mean colours): PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}")
             continue
-        line = f"  {r['system']:15s} alpha {r['alpha']}: {r['bpp_real']:.4f} bpp, PSNR {r['psnr']:.2f} dB, SSIM {r['ssim']:.3f}"
+        line = f"  {r['system']:15s} alpha {r['alpha']}: {r['bpp_real']:.4f} bpp, PSNR {r['psnr']:.2f} dB, " \
+            f"SSIM {r['ssim']:.3f}"
         for codec in dict.fromkeys(c["system"] for c in rows if c["checkpoint"] is None and c["bpp_real"]):
-            c = min((c for c in rows if c["system"] == codec), key=lambda c: abs(math.log(c["bpp_real"] / r["bpp_real"])))
+            c = nearest(rows, codec, r["bpp_real"])
             line += f"; {codec} {c['bpp_real']:.4f} bpp: {c['psnr']:.2f} dB, {c['ssim']:.3f}"
         print(line)
 

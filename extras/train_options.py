@@ -178,7 +178,7 @@ def configure(args, cli):
             (args.edge_from and ("encoder_weights" in cli or "alpha" in cli),
              "--edge-from brings the whole edge and its rate point: drop --encoder-weights and --alpha"),
             (args.image_codec and args.decoder != "none",
-             "--image-codec fine-tunes the No Compression model of a conventional pipeline: use it with --decoder none"),
+             "--image-codec fine-tunes a conventional pipeline's No Compression model: use it with --decoder none"),
             (args.learned_codec and args.image_codec != "learned", "--learned-codec goes with --image-codec learned")]:
         if bad:
             return message
@@ -243,4 +243,3 @@ def image_distortion(x_hat, x):
     from extras.image_quality import image_mse
     mse = image_mse(x_hat.float(), x).mean()
     return 255**2 * mse, f"PSNR {-10 * torch.log10(mse).item():.2f} dB"
-

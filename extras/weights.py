@@ -58,7 +58,8 @@ PRETRAINED = {
     ("imagenet", "resnet18-l2"): torchvision.models.ResNet18_Weights.IMAGENET1K_V1,  # its stem, layer1, layer2
     # DeepLabv3 trained on COCO reduced to the 21 VOC classes: the paper's COCO No Compression
     ("deeplabv3-coco", "resnet50"): torchvision.models.segmentation.DeepLabV3_ResNet50_Weights.COCO_WITH_VOC_LABELS_V1,
-    ("deeplabv3-coco", "resnet101"): torchvision.models.segmentation.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
+    ("deeplabv3-coco", "resnet101"):
+        torchvision.models.segmentation.DeepLabV3_ResNet101_Weights.COCO_WITH_VOC_LABELS_V1,
 }
 
 
@@ -176,8 +177,8 @@ def load_nocomp(model, args):
     path = pretrained_file("deeplabv3-coco", args.encoder) if named else args.nocomp_model
     cfg = read_weights(path).get("args")
     if isinstance(cfg, dict):  # a train.py checkpoint: the same data and encoder, and No Compression
-        differ = [f"{k} {cfg.get(k)} (this run: {v})" for k, v in [("decoder", "none"), ("dataset", args.dataset),
-                                                                    ("encoder", args.encoder)] if cfg.get(k) != v]
+        want = [("decoder", "none"), ("dataset", args.dataset), ("encoder", args.encoder)]
+        differ = [f"{k} {cfg.get(k)} (this run: {v})" for k, v in want if cfg.get(k) != v]
         if differ:
             raise ValueError(f"{path} is not a No Compression model of this run's data and encoder: "
                              f"{'; '.join(differ)}")
@@ -201,4 +202,3 @@ def init_encoder(model, args):
     more = f" and {len(ignored) - 4} more" if len(ignored) > 4 else ""
     return (f"{'E and D' if whole else 'JSDE stages' if args.decoder == 'jsde' else 'E'} initialized from {path}; "
             f"keys not used: {', '.join(ignored[:4]) or 'none'}{more}")
-
