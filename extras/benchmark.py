@@ -197,7 +197,7 @@ def benchmark_training(dataset="synthetic", size=None, batch=None, steps=10, dev
             (step_s,) = median_seconds([step], device, steps)
             name = f"{system}_{'frozen' if frozen else 'trained_on'}"
             out.update({f"{name}_ms": 1e3 * step_s, f"{name}_peak_memory_mb": peak_memory_mb(device)})
-            del model, optimizer, aux_optimizer
+            model = optimizer = aux_optimizer = None  # freed before the next configuration is built
     return out
 
 
