@@ -51,12 +51,15 @@ def count(*modules):
 CARD = ["model.py", "entropy.py", "data.py", "train.py", "evaluate.py", "reparam.py"]
 
 
-def imports(path, module_level_only=False):
-    """The top-level names of the modules a file imports (inside functions too, unless asked)."""
+def imports(path, module_level_only=False, dotted=False):
+    """The top-level names of the modules a file imports (inside functions too, unless asked);
+    dotted: the whole names, with each name imported from a module (extras.train_options)."""
     tree = ast.parse(open(os.path.join(HERE, path)).read())
     nodes = tree.body if module_level_only else list(ast.walk(tree))
     names = [a.name for n in nodes if isinstance(n, ast.Import) for a in n.names]
     names += [n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module]
+    if dotted:
+        return set(names) | {f"{n.module}.{a.name}" for n in nodes if isinstance(n, ast.ImportFrom) for a in n.names}
     return {n.split(".")[0] for n in names}
 
 
@@ -78,10 +81,7 @@ def test_method_files_never_import_extras_at_module_level():
     in one function (its hostile-input checks), model.py by name in one place (the extra
     systems) and in load_checkpoint (a file's checks); train.py imports its flags' resolution."""
     for f in CARD:
-        tree = ast.parse(open(os.path.join(HERE, f)).read())
-        modules = {n.module for n in tree.body if isinstance(n, ast.ImportFrom) and n.module}
-        modules |= {f"{n.module}.{a.name}" for n in tree.body if isinstance(n, ast.ImportFrom) for a in n.names}
-        modules |= {a.name for n in tree.body if isinstance(n, ast.Import) for a in n.names}
+        modules = imports(f, module_level_only=True, dotted=True)
         assert {m for m in modules if m.startswith("extras")} <= ({"extras", "extras.train_options"}
                                                                    if f == "train.py" else set()), f
     for f in ("reparam.py", "data.py"):
